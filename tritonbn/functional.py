@@ -1,0 +1,110 @@
+"""``batch_norm_act``: batch norm, optional residual add and activation as one op.
+
+CUDA tensors run the fused Triton kernels through ``BatchNormActFunction``. CPU tensors run the same
+kernels under Triton's interpreter when ``TRITON_INTERPRET=1``, otherwise the plain PyTorch reference.
+"""
+
+import contextlib
+import os
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import reference
+from .validation import check_activation, check_batch_norm_args
+
+_cpu_reference_forced = False
+
+
+@contextlib.contextmanager
+def cpu_reference():
+    """Run CPU tensors through the PyTorch reference even when the Triton interpreter is on.
+
+    The interpreter is exact but slow; a CPU training run (the impact study, say) uses this.
+    """
+    global _cpu_reference_forced
+    previous, _cpu_reference_forced = _cpu_reference_forced, True
+    try:
+        yield
+    finally:
+        _cpu_reference_forced = previous
+
+
+def _uses_kernels(x: torch.Tensor) -> bool:
+    """Whether ``x`` runs the Triton kernels (compiled on CUDA, interpreted on CPU) or the reference."""
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and not _cpu_reference_forced
+
+
+class BatchNormActFunction(torch.autograd.Function):
+    """Autograd for the kernels. Saves x, the residual and per-channel mean/rstd, nothing full-size new:
+    the pre-activation is recomputed in backward, which costs no extra pass over memory."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                activation, negative_slope):
+        from . import kernels
+
+        if training:
+            output, mean, rstd = kernels.forward_train(
+                input, weight, bias, running_mean, running_var, momentum, eps, activation, negative_slope,
+                residual)
+        else:
+            output, mean, rstd = kernels.forward_eval(
+                input, running_mean, running_var, weight, bias, eps, activation, negative_slope, residual)
+        # With the identity the pre-activation is never needed, so the residual need not stay alive.
+        saved_residual = residual if activation != "identity" else None
+        ctx.save_for_backward(input, weight, bias, saved_residual, mean, rstd)
+        ctx.training = training
+        ctx.activation = activation
+        ctx.negative_slope = negative_slope
+        ctx.has_residual = residual is not None
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        from . import kernels
+
+        input, weight, bias, residual, mean, rstd = ctx.saved_tensors
+        need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
+        need_residual = need_residual and ctx.has_residual
+        args = (grad_output, input, mean, rstd, weight, bias, ctx.activation, ctx.negative_slope, residual)
+        sum_dz = sum_dz_xhat = None
+        if need_weight or need_bias or (ctx.training and need_input):
+            sum_dz, sum_dz_xhat = kernels.backward_reduce(*args)
+        grad_input = grad_residual = None
+        if need_input or need_residual:
+            count = input.numel() // input.shape[1] if input.shape[1] else 0
+            grad_input, grad_residual = kernels.backward_input(
+                *args, sum_dz, sum_dz_xhat, count, ctx.training,
+                need_dx=need_input, need_dresidual=need_residual)
+        grad_weight = sum_dz_xhat.to(weight.dtype).view_as(weight) if need_weight else None
+        grad_bias = sum_dz.to(bias.dtype).view_as(bias) if need_bias else None
+        return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None, None
+
+
+def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                   eps=1e-5, *, activation="relu", negative_slope=0.01, residual=None):
+    """``act(F.batch_norm(input, ...) + residual)`` in one fused op (the add only if ``residual`` is given).
+
+    Arguments mean what they mean for ``torch.nn.functional.batch_norm``; in training the running
+    statistics are updated in place (unbiased variance, ``momentum`` as the averaging factor).
+    ``activation`` is one of ``tritonbn.ACTIVATIONS``; ``negative_slope`` is leaky_relu's.
+    """
+    check_activation(activation)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
+    return batch_norm_act_checked(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                  activation, negative_slope, residual)
+
+
+def batch_norm_act_checked(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                           activation, negative_slope, residual):
+    """``batch_norm_act`` for arguments already checked (the modules check before counting a batch)."""
+    if _uses_kernels(input):
+        return BatchNormActFunction.apply(input, weight, bias, residual, running_mean, running_var,
+                                          bool(training), float(momentum), float(eps), activation,
+                                          float(negative_slope))
+    return reference.batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                    activation, negative_slope, residual)

@@ -1,0 +1,69 @@
+"""``BatchNormAct{1,2,3}d``: drop-in ``nn.BatchNorm{1,2,3}d`` followed by an activation, in one op.
+
+They subclass ``_BatchNorm`` itself, so parameters, buffers, state_dict keys, ``momentum=None``
+(cumulative average), ``track_running_stats`` and ``affine`` behave exactly as in PyTorch, and code that
+checks ``isinstance(m, _BatchNorm)`` still sees a batch norm. They do not subclass ``nn.BatchNorm2d``:
+tools that fold a BatchNorm2d into a convolution would silently drop the activation.
+"""
+
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .functional import batch_norm_act_checked
+from .validation import check_activation, check_batch_norm_args
+
+
+class _BatchNormAct(_BatchNorm):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, activation="relu", negative_slope=0.01):
+        check_activation(activation)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input, residual=None):
+        self._check_input_dim(input)
+        # Mirrors _BatchNorm.forward, but checks everything before counting the batch, so a rejected call
+        # leaves num_batches_tracked and the running statistics as they were.
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running_stats = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_running_stats else None
+        running_var = self.running_var if use_running_stats else None
+        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, residual, bn_training)
+
+        average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                average_factor = 1.0 / float(self.num_batches_tracked)
+        return batch_norm_act_checked(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                                      average_factor, self.eps, self.activation, self.negative_slope, residual)
+
+    def extra_repr(self):
+        text = f"{super().extra_repr()}, activation={self.activation}"
+        if self.activation == "leaky_relu":
+            text += f", negative_slope={self.negative_slope}"
+        return text
+
+
+class BatchNormAct1d(_BatchNormAct):
+    """``nn.BatchNorm1d`` + activation (+ residual add) over (N, C) or (N, C, L) input."""
+
+    def _check_input_dim(self, input):
+        if input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class BatchNormAct2d(_BatchNormAct):
+    """``nn.BatchNorm2d`` + activation (+ residual add) over (N, C, H, W) input."""
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BatchNormAct3d(_BatchNormAct):
+    """``nn.BatchNorm3d`` + activation (+ residual add) over (N, C, D, H, W) input."""
+
+    def _check_input_dim(self, input):
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")

@@ -1,0 +1,68 @@
+"""Input checks shared by the functional API and the modules.
+
+Every check runs before anything is computed or updated, so a rejected call changes no state. Where
+PyTorch raises RuntimeError for the same mistake, the error class also derives from RuntimeError, so code
+written against ``nn.BatchNorm`` keeps catching it.
+"""
+
+import math
+
+import torch
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "relu6", "elu", "silu", "gelu", "hardswish")
+
+
+class ChannelMismatchError(ValueError, RuntimeError):
+    """A per-channel tensor (or the residual) does not match the input's shape."""
+
+
+class DeviceMismatchError(ValueError, RuntimeError):
+    """Tensors of one call live on different devices."""
+
+
+class InputDtypeError(TypeError, RuntimeError):
+    """The input (or a parameter) is not a floating-point tensor, or the residual's dtype differs."""
+
+
+def check_activation(activation: str) -> str:
+    """``activation`` if it is supported, else a ValueError that lists the supported names."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of: {', '.join(ACTIVATIONS)}")
+    return activation
+
+
+def check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training):
+    """Raise a clear error for anything ``batch_norm_act`` cannot compute; return nothing."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise InputDtypeError(f"batch norm needs a floating-point input, got dtype {input.dtype}")
+    if input.dim() < 2:
+        raise ValueError(f"expected an input of at least 2 dims (N, C, ...), got {input.dim()}D input")
+    channels = input.shape[1]
+    per_channel = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    for name, tensor in per_channel.items():
+        if tensor is None:
+            continue
+        if tensor.device != input.device:
+            raise DeviceMismatchError(f"{name} is on {tensor.device} but the input is on {input.device}")
+        if not tensor.is_floating_point():
+            raise InputDtypeError(f"{name} must be floating point, got dtype {tensor.dtype}")
+        if tensor.numel() != channels:
+            raise ChannelMismatchError(
+                f"{name} has {tensor.numel()} elements but the input has {channels} channels (dim 1)")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both be None)")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var must be given when training=False (eval mode)")
+    if residual is not None:
+        if residual.device != input.device:
+            raise DeviceMismatchError(f"residual is on {residual.device} but the input is on {input.device}")
+        if residual.shape != input.shape:
+            raise ChannelMismatchError(
+                f"residual has shape {tuple(residual.shape)} but the input has shape {tuple(input.shape)}")
+        if residual.dtype != input.dtype:
+            raise InputDtypeError(f"residual has dtype {residual.dtype} but the input has dtype {input.dtype}")
+    if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
+        # Same words as PyTorch, which tools and tests match on.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
