@@ -11,7 +11,9 @@ Traffic per call, in passes over one activation tensor (the residual adds its ow
   training forward: read x (statistics), read x + write y (normalise)        = 3
   eval forward:     read x + write y                                         = 2
   backward:         read dy, x (reductions), read dy, x + write dx (input)   = 5
-Backward recomputes the pre-activation from x and the per-channel mean/rstd instead of saving it.
+Backward recomputes the pre-activation from x and the per-channel mean/rstd instead of saving it. With a
+residual, the reduction pass also reads it and writes dz (the residual's gradient), and the input pass
+then reads dz instead of dy and the residual: 5 + 1 read + 1 write.
 """
 
 import functools
@@ -229,13 +231,16 @@ def _backward_reduce_kernel(
     weight_ptr, bias_ptr,  # [C] affine parameters (read when HAS_WEIGHT / HAS_BIAS)
     part_dz_ptr,  # [num_splits, C] out: per-split sum of dz
     part_dz_xhat_ptr,  # [num_splits, C] out: per-split sum of dz * xhat
+    dz_ptr,  # out when STORE_DZ: dz itself, which is the residual's gradient
     R, C, S,  # reduction rows (N * S), channels, spatial size
     dy_stride_n, dy_stride_c, dy_stride_s,  # strides of dy
     x_stride_n, x_stride_c, x_stride_s,  # strides of x
     r_stride_n, r_stride_c, r_stride_s,  # strides of the residual
+    dz_stride_n, dz_stride_c, dz_stride_s,  # strides of dz
     rows_per_split,  # rows each program owns; a multiple of BLOCK_R
     slope_hi, slope_lo,  # leaky_relu's negative slope as a float32 head and tail
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    STORE_DZ: tl.constexpr,  # write dz, so the input-gradient pass reads it instead of dy and the residual
     ACTIVATION: tl.constexpr,  # activation id, see activations.py
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # tile shape
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
@@ -260,6 +265,9 @@ def _backward_reduce_kernel(
             _tile_offsets(rows, cols, S, x_stride_n, x_stride_c, x_stride_s),
             _tile_offsets(rows, cols, S, r_stride_n, r_stride_c, r_stride_s),
             mask, mean, rstd, scale, bias, negative_slope, HAS_RESIDUAL, ACTIVATION, COMPUTE)
+        if STORE_DZ:
+            dz_offsets = _tile_offsets(rows, cols, S, dz_stride_n, dz_stride_c, dz_stride_s)
+            tl.store(dz_ptr + dz_offsets, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         sum_dz += tl.sum(dz, axis=0)
         sum_dz_xhat += tl.sum(dz * xhat, axis=0)
     out = pid_split * C + cols
@@ -289,26 +297,26 @@ def _sum_partials_kernel(
 
 @triton.jit
 def _backward_input_kernel(
-    dy_ptr,  # gradient of the output
+    dy_ptr,  # gradient of the output (read unless LOAD_DZ)
     x_ptr,  # input saved from the forward
     residual_ptr,  # residual saved from the forward (read when HAS_RESIDUAL and the activation needs z)
     mean_ptr, rstd_ptr,  # [C] statistics the forward normalised with
     weight_ptr, bias_ptr,  # [C] affine parameters (read when HAS_WEIGHT / HAS_BIAS)
     sum_dz_ptr, sum_dz_xhat_ptr,  # [C] totals from the reduction (read when TRAINING)
     dx_ptr,  # out when STORE_DX: gradient of the input
-    dresidual_ptr,  # out when STORE_DRESIDUAL: gradient of the residual (= dz)
+    dz_ptr,  # dz = dy * act'(z), the residual's gradient: written when STORE_DZ, read when LOAD_DZ
     count,  # number of values each channel's statistics were taken over
     R, C, S,  # reduction rows (N * S), channels, spatial size
     dy_stride_n, dy_stride_c, dy_stride_s,  # strides of dy
     x_stride_n, x_stride_c, x_stride_s,  # strides of x
     r_stride_n, r_stride_c, r_stride_s,  # strides of the residual
     dx_stride_n, dx_stride_c, dx_stride_s,  # strides of dx
-    dr_stride_n, dr_stride_c, dr_stride_s,  # strides of dresidual
+    dz_stride_n, dz_stride_c, dz_stride_s,  # strides of dz
     rows_per_split,  # rows each program owns; a multiple of BLOCK_R
     slope_hi, slope_lo,  # leaky_relu's negative slope as a float32 head and tail
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     TRAINING: tl.constexpr,  # statistics came from the batch, so dx has the mean/variance terms
-    STORE_DX: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
+    STORE_DX: tl.constexpr, STORE_DZ: tl.constexpr, LOAD_DZ: tl.constexpr,
     ACTIVATION: tl.constexpr,  # activation id, see activations.py
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # tile shape
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
@@ -332,15 +340,20 @@ def _backward_input_kernel(
     for start in range(row_start, row_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & col_mask[None, :]
-        dz, xhat = _pre_activation_grad(
-            dy_ptr, x_ptr, residual_ptr,
-            _tile_offsets(rows, cols, S, dy_stride_n, dy_stride_c, dy_stride_s),
-            _tile_offsets(rows, cols, S, x_stride_n, x_stride_c, x_stride_s),
-            _tile_offsets(rows, cols, S, r_stride_n, r_stride_c, r_stride_s),
-            mask, mean, rstd, scale, bias, negative_slope, HAS_RESIDUAL, ACTIVATION, COMPUTE)
-        if STORE_DRESIDUAL:
-            dr_offsets = _tile_offsets(rows, cols, S, dr_stride_n, dr_stride_c, dr_stride_s)
-            tl.store(dresidual_ptr + dr_offsets, dz.to(dresidual_ptr.dtype.element_ty), mask=mask)
+        x_offsets = _tile_offsets(rows, cols, S, x_stride_n, x_stride_c, x_stride_s)
+        dz_offsets = _tile_offsets(rows, cols, S, dz_stride_n, dz_stride_c, dz_stride_s)
+        if LOAD_DZ:
+            dz = tl.load(dz_ptr + dz_offsets, mask=mask, other=0.0).to(COMPUTE)
+            x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(COMPUTE)
+            xhat = (x - mean[None, :]) * rstd[None, :]
+        else:
+            dz, xhat = _pre_activation_grad(
+                dy_ptr, x_ptr, residual_ptr,
+                _tile_offsets(rows, cols, S, dy_stride_n, dy_stride_c, dy_stride_s), x_offsets,
+                _tile_offsets(rows, cols, S, r_stride_n, r_stride_c, r_stride_s),
+                mask, mean, rstd, scale, bias, negative_slope, HAS_RESIDUAL, ACTIVATION, COMPUTE)
+        if STORE_DZ:
+            tl.store(dz_ptr + dz_offsets, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if STORE_DX:
             if TRAINING:
                 dx = (dz - mean_dz[None, :] - xhat * mean_dz_xhat[None, :]) * scale[None, :]
@@ -550,21 +563,27 @@ def _grad_operands(dy, x, residual, activation):
     return dy, dy_strides, x, x_strides, residual, r_strides
 
 
-def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual):
-    """Per-channel (sum of dz, sum of dz * xhat) with dz = dy * act'(z): the bias and weight gradients."""
+def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual, dz_out=None):
+    """Per-channel (sum of dz, sum of dz * xhat), dz = dy * act'(z): the bias and weight gradients.
+
+    With ``dz_out`` (a tensor shaped like x) dz is also written there: it is the residual's gradient, and
+    ``backward_input(..., dz=dz_out)`` then reads it instead of dy and the residual.
+    """
     dy, dy_strides, x, x_strides, residual, r_strides = _grad_operands(dy, x, residual, activation)
     plan = _plan_for(x, x_strides)
     R, C, S = _dims(x)
     part_dz = torch.zeros((plan.num_splits, C), dtype=mean.dtype, device=x.device)
     part_dz_xhat = torch.zeros_like(part_dz)
+    dz_strides = _ncs_strides(dz_out) if dz_out is not None else (0, 0, 0)
     if R > 0:
         _backward_reduce_kernel[plan.grid](
             dy, x, residual if residual is not None else x, mean, rstd, *_param_args(weight, bias, mean),
-            part_dz, part_dz_xhat, R, C, S, *dy_strides, *x_strides, *r_strides, plan.rows_per_split,
+            part_dz, part_dz_xhat, dz_out if dz_out is not None else x,
+            R, C, S, *dy_strides, *x_strides, *r_strides, *dz_strides, plan.rows_per_split,
             *_split_float(negative_slope),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-            ACTIVATION=_activation_id(activation), BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-            COMPUTE=_compute_dtype(x), num_warps=plan.num_warps)
+            STORE_DZ=dz_out is not None, ACTIVATION=_activation_id(activation),
+            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, COMPUTE=_compute_dtype(x), num_warps=plan.num_warps)
     sum_dz = torch.empty(C, dtype=mean.dtype, device=x.device)
     sum_dz_xhat = torch.empty_like(sum_dz)
     _sum_partials_kernel[plan.reduce_grid](
@@ -574,11 +593,13 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope,
 
 
 def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual,
-                   sum_dz, sum_dz_xhat, count, training, need_dx=True, need_dresidual=None):
-    """Gradients of the input and of the residual (dz); either may be skipped. Returns (dx, dresidual).
+                   sum_dz, sum_dz_xhat, count, training, need_dx=True, need_dresidual=None, dz=None):
+    """Gradients of the input and of the residual (which is dz); returns (dx, dresidual).
 
     ``count`` is the number of values per channel the statistics were taken over (the global count for
-    synchronized batch norm); with ``training=False`` the statistics are constants and sums are unused.
+    synchronized batch norm); with ``training=False`` the statistics are constants and the sums unused.
+    ``dz`` is dz already written by ``backward_reduce``: it is read instead of dy and the residual, and
+    returned as the residual's gradient.
     """
     if need_dresidual is None:
         need_dresidual = residual is not None
@@ -586,19 +607,22 @@ def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, 
     plan = _plan_for(x, x_strides)
     R, C, S = _dims(x)
     dx = torch.empty_like(x) if need_dx else None
-    dresidual = torch.empty_like(x) if need_dresidual else None
-    if R == 0 or not (need_dx or need_dresidual):
+    store_dz = need_dresidual and dz is None
+    if store_dz:
+        dz = torch.empty_like(x)
+    dresidual = dz if need_dresidual else None
+    if R == 0 or not (need_dx or store_dz):
         return dx, dresidual
     dx_strides = _ncs_strides(dx) if need_dx else (0, 0, 0)
-    dr_strides = _ncs_strides(dresidual) if need_dresidual else (0, 0, 0)
+    dz_strides = _ncs_strides(dz) if dz is not None else (0, 0, 0)
     _backward_input_kernel[plan.grid](
         dy, x, residual if residual is not None else x, mean, rstd, *_param_args(weight, bias, mean),
         sum_dz if training else mean, sum_dz_xhat if training else mean,
-        dx if need_dx else x, dresidual if need_dresidual else x, count,
-        R, C, S, *dy_strides, *x_strides, *r_strides, *dx_strides, *dr_strides, plan.rows_per_split,
+        dx if need_dx else x, dz if dz is not None else x, count,
+        R, C, S, *dy_strides, *x_strides, *r_strides, *dx_strides, *dz_strides, plan.rows_per_split,
         *_split_float(negative_slope),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        TRAINING=training, STORE_DX=need_dx, STORE_DRESIDUAL=need_dresidual,
+        TRAINING=training, STORE_DX=need_dx, STORE_DZ=store_dz, LOAD_DZ=dz is not None and not store_dz,
         ACTIVATION=_activation_id(activation), BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
         COMPUTE=_compute_dtype(x), num_warps=plan.num_warps)
     return dx, dresidual

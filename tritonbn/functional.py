@@ -59,7 +59,6 @@ class BatchNormActFunction(torch.autograd.Function):
         ctx.training = training
         ctx.activation = activation
         ctx.negative_slope = negative_slope
-        ctx.has_residual = residual is not None
         return output
 
     @staticmethod
@@ -69,17 +68,23 @@ class BatchNormActFunction(torch.autograd.Function):
 
         input, weight, bias, residual, mean, rstd = ctx.saved_tensors
         need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
-        need_residual = need_residual and ctx.has_residual
         args = (grad_output, input, mean, rstd, weight, bias, ctx.activation, ctx.negative_slope, residual)
-        sum_dz = sum_dz_xhat = None
+        # The residual's gradient is dz = dy * act'(z): dy itself for the identity, else written by the
+        # first pass that computes dz, and then read back instead of recomputed.
+        grad_residual = grad_output if need_residual and ctx.activation == "identity" else None
+        need_dz = need_residual and grad_residual is None
+        sum_dz = sum_dz_xhat = dz = None
         if need_weight or need_bias or (ctx.training and need_input):
-            sum_dz, sum_dz_xhat = kernels.backward_reduce(*args)
-        grad_input = grad_residual = None
-        if need_input or need_residual:
+            dz = torch.empty_like(input) if need_dz else None
+            sum_dz, sum_dz_xhat = kernels.backward_reduce(*args, dz_out=dz)
+        grad_input = None
+        if need_input or (need_dz and dz is None):
             count = input.numel() // input.shape[1] if input.shape[1] else 0
-            grad_input, grad_residual = kernels.backward_input(
+            grad_input, dz = kernels.backward_input(
                 *args, sum_dz, sum_dz_xhat, count, ctx.training,
-                need_dx=need_input, need_dresidual=need_residual)
+                need_dx=need_input, need_dresidual=need_dz, dz=dz)
+        if need_dz:
+            grad_residual = dz
         grad_weight = sum_dz_xhat.to(weight.dtype).view_as(weight) if need_weight else None
         grad_bias = sum_dz.to(bias.dtype).view_as(bias) if need_bias else None
         return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None, None
