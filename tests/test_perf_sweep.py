@@ -1,0 +1,116 @@
+"""The sweep on CPU with the tiny preset: CSV schema, values, and replacement of re-run rows."""
+
+import csv
+import math
+import subprocess
+
+import pytest
+import torch
+from tritonbn.perf import results, sweep
+from tritonbn.perf.backends import Backend, eager_batch_norm_act
+from tritonbn.perf.cli import main
+from tritonbn.perf.shapes import ShapeCase, preset_shapes
+
+MODES = ("fwd", "bwd", "fwd_bwd", "eval")
+PASSES = {"fwd": 2, "bwd": 3, "fwd_bwd": 5, "eval": 2}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Two busy cores and OpenMP's spinning threads make tiny CPU ops take tens of milliseconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory, one_thread):
+    path = tmp_path_factory.mktemp("sweep") / "results.csv"
+    assert main(["sweep", "--preset", "tiny", "--backend", "tritonbn,eager", "--device", "cpu", "--out",
+                 str(path), "--no-progress"]) == 0
+    return path
+
+
+def test_schema(tiny_csv):
+    with open(tiny_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == results.COLUMNS
+        raw = list(reader)
+    shapes = {case.label for case in preset_shapes("tiny")}
+    assert {r["shape"] for r in raw} == shapes
+    # one row per (shape, mode, backend): tiny has no channels_last variant of its 2-D and 5-D shapes
+    assert len(raw) == len({results.row_key(r) for r in raw}) == len(shapes) * len(MODES) * 2
+
+
+def test_values(tiny_csv):
+    rows = results.read_rows(tiny_csv)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    by_key = {results.row_key(r): r for r in rows}
+    for row in rows:
+        assert row["status"] == "ok" and row["ok"], row
+        assert row["timing"] == "interpreter"
+        assert row["device"].startswith("cpu") and row["torch"] == torch.__version__
+        assert row["git_commit"] in (commit or "unknown", "unknown")
+        assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        numel = math.prod(int(s) for s in row["shape"].split("x"))
+        assert row["min_bytes"] == PASSES[row["mode"]] * numel * 4
+        assert row["gbps"] == pytest.approx(row["min_bytes"] / row["median_ms"] / 1e6)
+        assert row["pct_copy_bw"] == pytest.approx(100 * row["gbps"] / row["copy_gbps"])
+        assert math.isnan(row["peak_mem_bytes"])  # measured on CUDA only
+        eager = by_key[results.row_key(row)[:-1] + ("eager",)]
+        assert row["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / row["median_ms"])
+        assert math.isnan(row["speedup_vs_compile"])  # compile was not run
+        if row["backend"] == "eager":
+            assert row["max_err"] == 0.0 and row["speedup_vs_eager"] == 1.0
+        else:
+            assert row["max_err"] <= sweep.TOLERANCE["fp32"]
+        if row["mode"] == "eval":
+            assert row["saved_bytes"] == 0
+        elif row["backend"] == "eager" and row["mode"] != "bwd":
+            # eager saves x (an input) and ReLU's output, a tensor the network would not otherwise keep
+            assert row["saved_extra_bytes"] >= numel * 4 and row["saved_bytes"] >= row["saved_extra_bytes"] + numel * 4
+
+
+def test_rerun_replaces_rows(tiny_csv, tmp_path, one_thread):
+    path = tmp_path / "results.csv"
+    path.write_bytes(tiny_csv.read_bytes())
+    rows = results.read_rows(path)
+    stale = next(r for r in rows if r["shape"] == "6x8" and r["mode"] == "fwd" and r["backend"] == "eager")
+    stale["median_ms"] = 12345.0
+    results.write_rows(path, [stale])
+    assert len(results.read_rows(path)) == len(rows)
+    args = ["sweep", "--shape", "6,8", "--mode", "fwd", "--backend", "eager,tritonbn", "--device", "cpu",
+            "--no-progress", "--out", str(path)]
+    assert main(args) == 0
+    assert main(args + ["--residual"]) == 0  # a new configuration: added, not replacing
+    merged = results.read_rows(path)
+    assert len(merged) == len(rows) + 2
+    again = [r for r in merged if r["shape"] == "6x8" and r["mode"] == "fwd" and not r["residual"]]
+    assert len(again) == 2 and all(r["median_ms"] < 12345.0 for r in again)
+    assert {r["preset"] for r in again} == {"custom"}
+    assert sum(r["residual"] for r in merged) == 2
+
+
+def wrong_bias(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+               eps=1e-5, **kwargs):
+    return eager_batch_norm_act(input, running_mean, running_var, weight, bias + 0.5, training, momentum, eps,
+                                **kwargs)
+
+
+def broken(*args, **kwargs):
+    raise RuntimeError("kernel exploded")
+
+
+def test_wrong_and_failing_backends_are_flagged_not_timed(tmp_path, one_thread):
+    cfgs = sweep.configs([("tiny", ShapeCase((4, 3, 2, 2)))], ["fp32"], ["nchw"], ["relu"], [False], ["fwd"])
+    backends = [Backend("eager", eager_batch_norm_act), Backend("wrong", wrong_bias), Backend("broken", broken)]
+    rows = sweep.run(cfgs, backends, {"apex": "not importable here"}, torch.device("cpu"),
+                     str(tmp_path / "r.csv"), progress=False)
+    status = {r["backend"]: r for r in rows}
+    assert status["eager"]["ok"]
+    assert status["wrong"]["status"] == "mismatch" and not status["wrong"]["ok"]
+    assert status["wrong"]["max_err"] > 0.01 and math.isnan(status["wrong"]["speedup_vs_eager"])
+    assert status["broken"]["status"] == "error: RuntimeError: kernel exploded"
+    assert status["apex"]["status"] == "skipped: not importable here"
+    assert math.isnan(status["apex"]["median_ms"])
