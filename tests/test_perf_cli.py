@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tritonbn.perf.cli import main
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from matplotlib import image
+
 from tritonbn.perf import results
 from tritonbn.perf.cli import main
 

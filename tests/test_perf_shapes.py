@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from tritonbn.perf.bandwidth import min_bytes, min_passes
 from tritonbn.perf.shapes import PRESETS, preset_shapes
 

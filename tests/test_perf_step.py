@@ -4,6 +4,7 @@ import csv
 import math
 
 import torch
+
 from tritonbn.perf import step
 from tritonbn.perf.cli import main
 

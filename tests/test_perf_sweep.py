@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import torch
+
 from tritonbn.perf import results, sweep
 from tritonbn.perf.backends import Backend, eager_batch_norm_act
 from tritonbn.perf.cli import main

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+
 from tritonbn.perf import traffic
 from tritonbn.perf.cli import main
 
