@@ -10,7 +10,7 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import ops, reference
 from .validation import check_activation, check_batch_norm_args
 
 _cpu_reference_forced = False
@@ -108,6 +108,9 @@ def batch_norm_act_checked(input, running_mean, running_var, weight, bias, train
                            activation, negative_slope, residual):
     """``batch_norm_act`` for arguments already checked (the modules check before counting a batch)."""
     if _uses_kernels(input):
+        if torch.compiler.is_compiling():  # custom ops trace without graph breaks; eager keeps the Function
+            return ops.batch_norm_act(input, running_mean, running_var, weight, bias, bool(training),
+                                      float(momentum), float(eps), activation, float(negative_slope), residual)
         return BatchNormActFunction.apply(input, weight, bias, residual, running_mean, running_var,
                                           bool(training), float(momentum), float(eps), activation,
                                           float(negative_slope))

@@ -1,0 +1,124 @@
+"""torch.compile(fullgraph=True) of fused models: no graph break, and the same results as eager.
+
+On CPU the kernels run under the interpreter inside the custom ops; the "eager" and "aot_eager"
+backends keep compilation fast, and one test goes through the default inductor backend.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tritonbn
+from tritonbn.functional import cpu_reference
+
+
+class Block(nn.Module):
+    """conv-bn-leaky_relu, then conv-bn + skip followed by silu: a pair and a triple to fuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.act1 = nn.LeakyReLU(0.2)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        return torch.nn.functional.silu(self.bn2(self.conv2(out)) + x)
+
+
+def fused_block():
+    model = tritonbn.fuse(Block().double())
+    assert len(model.tritonbn_fuse_report.fused) == 2
+    with torch.no_grad():
+        for name in ("bn1", "bn2"):
+            bn = model.get_submodule(name)
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+class GraphRecorder:
+    """A torch.compile backend that keeps the graphs it is given and runs them as they are."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs.append(graph_module)
+        return graph_module.forward
+
+    def targets(self):
+        return {str(node.target) for graph in self.graphs for node in graph.graph.nodes}
+
+
+def run_steps(model, inputs):
+    results = []
+    for x, dy in inputs:
+        model.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_()
+        y = model(x)
+        y.backward(dy)
+        # A compiled module names its parameters "_orig_mod.<name>".
+        grads = {name.removeprefix("_orig_mod."): p.grad.clone() for name, p in model.named_parameters()}
+        results.append((y.detach(), x.grad, grads))
+    return results
+
+
+def assert_matches_eager(model, compiled, training, steps=2):
+    eager = copy.deepcopy(model).train(training)
+    compiled.train(training)
+    inputs = [(torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randn(2, 3, 6, 6, dtype=torch.float64))
+              for _ in range(steps)]
+    torch.testing.assert_close(run_steps(compiled, inputs), run_steps(eager, inputs))
+    # Running statistics moved once per step, exactly as in eager.
+    torch.testing.assert_close(model.state_dict(), eager.state_dict())
+
+
+@pytest.mark.parametrize("training", [pytest.param(True, id="train"), pytest.param(False, id="eval")])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_fullgraph_matches_eager(backend, training):
+    torch._dynamo.reset()
+    model = fused_block().train(training)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    assert_matches_eager(model, compiled, training)
+    assert int(model.bn1.num_batches_tracked) == (2 if training else 0)
+
+
+@pytest.mark.parametrize("training", [pytest.param(True, id="train"), pytest.param(False, id="eval")])
+def test_no_graph_breaks_and_kernel_ops_in_the_graph(training):
+    torch._dynamo.reset()
+    model = fused_block().train(training)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    explanation = torch._dynamo.explain(copy.deepcopy(model))(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    recorder = GraphRecorder()
+    torch.compile(model, backend=recorder, fullgraph=True)(x)
+    assert "tritonbn.normalize_act.default" in recorder.targets()
+    assert ("tritonbn.batch_stats.default" in recorder.targets()) == training
+
+
+def test_reference_path_compiles_natively():
+    torch._dynamo.reset()
+    model = fused_block()
+    with cpu_reference():
+        recorder = GraphRecorder()
+        compiled = torch.compile(model, backend=recorder, fullgraph=True)
+        assert_matches_eager(model, compiled, training=True)
+    assert not any(target.startswith("tritonbn.") for target in recorder.targets())
+
+
+def test_inductor_training_step():
+    torch._dynamo.reset()
+    layer = tritonbn.BatchNormAct2d(3, activation="hardswish", dtype=torch.float64)
+    compiled = torch.compile(layer, fullgraph=True)
+    eager = copy.deepcopy(layer)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    residual = torch.randn_like(x)
+    torch.testing.assert_close(compiled(x, residual), eager(x, residual))
+    torch.testing.assert_close(layer.state_dict(), eager.state_dict())

@@ -1,0 +1,381 @@
+"""tritonbn.fuse / tritonbn.unfuse on small ResNet- and MobileNet-style networks, in float64.
+
+The converted model must compute what the original computes -- outputs, input and parameter gradients,
+running statistics -- in training and in eval; batch norms that cannot be fused stay untouched.
+Models are tiny (4-8 channels, 8x8 images) because on CPU the fused layers run under the interpreter.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tritonbn
+from tritonbn.conversion import BatchNormThenAct2d, FuseReport
+from tritonbn.modules import _BatchNormAct
+
+MODES = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
+
+
+def conv3x3(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: two 3x3 convs, inplace ReLU shared by both, optional downsample."""
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck: 1x1 - 3x3 - 1x1 with expansion 4."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+def downsample(inplanes, outplanes, stride):
+    return nn.Sequential(conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes))
+
+
+class TinyResNet(nn.Module):
+    """Stem, a BasicBlock with a strided downsample, a Bottleneck with a channel downsample, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = conv3x3(3, 4)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(BasicBlock(4, 4), BasicBlock(4, 6, 2, downsample(4, 6, 2)))
+        self.layer2 = nn.Sequential(Bottleneck(6, 2, 1, downsample(6, 8, 1)))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: expand (ReLU6), depthwise (ReLU6), linear projection plus the skip."""
+
+    def __init__(self, channels=4, expand_ratio=2):
+        super().__init__()
+        hidden = channels * expand_ratio
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class FunctionalActivations(nn.Module):
+    """Batch norms followed by functional activations, some fusable and some not."""
+
+    def __init__(self):
+        super().__init__()
+        self.bns = nn.ModuleList(nn.BatchNorm2d(4) for _ in range(7))
+        self.elu = nn.ELU(alpha=0.5)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.bns[0](x), 0.2)
+        x = torch.relu(self.bns[1](x))
+        x = F.silu(self.bns[2](x)).tanh()
+        x = F.gelu(self.bns[3](x), approximate="tanh")  # not fusable: the kernels compute exact gelu
+        x = self.elu(self.bns[4](x))  # not fusable: alpha != 1
+        x = F.hardswish(torch.add(x, self.bns[5](x)))
+        return self.bns[6](x).relu()
+
+
+class UsedTwice(nn.Module):
+    """A batch norm whose output feeds both the activation and the sum: it must not be fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.bn_out = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(x)
+        return self.bn_out(F.relu(y) + y)
+
+
+class DataDependent(nn.Module):
+    """Control flow on tensor values: torch.fx cannot trace it, so fuse falls back to nn.Sequential pairs."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(conv3x3(3, 4), nn.BatchNorm2d(4), nn.SiLU(), conv3x3(4, 4),
+                                      nn.BatchNorm2d(4), nn.LeakyReLU(0.3))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.features(x)
+        if x.sum() > 0:
+            x = x * 2
+        return F.relu(self.bn(x))
+
+
+def randomize_batch_norms(model):
+    """Non-trivial parameters and running statistics, so that a lost or swapped value shows."""
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                continue
+            if module.affine:
+                module.weight.uniform_(0.5, 2.0)
+                module.bias.normal_()
+            if module.track_running_stats:
+                module.running_mean.normal_(0, 0.3)
+                module.running_var.uniform_(0.5, 2.0)
+                module.num_batches_tracked.fill_(3)
+    return model
+
+
+def make(model_class):
+    return randomize_batch_norms(model_class()).double()
+
+
+def run_step(model, x, dy=None):
+    """Forward and backward of one step: (output, upstream grad, input grad, parameter grads by name)."""
+    x = x.clone().requires_grad_()
+    y = model(x)
+    dy = torch.randn_like(y) if dy is None else dy
+    y.backward(dy)
+    return y.detach(), dy, x.grad, {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_same_state(actual, expected):
+    actual, expected = actual.state_dict(), expected.state_dict()
+    assert sorted(actual) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def assert_same_computation(original, converted, input_shape, training):
+    original.train(training)
+    converted.train(training)
+    for _ in range(2):  # the second step sees the running statistics the first one left
+        x = torch.randn(input_shape, dtype=torch.float64) * 1.5 + 0.5
+        original.zero_grad(set_to_none=True)
+        converted.zero_grad(set_to_none=True)
+        y, dy, dx, grads = run_step(original, x)
+        y_c, _, dx_c, grads_c = run_step(converted, x, dy)
+        torch.testing.assert_close(y_c, y)
+        torch.testing.assert_close(dx_c, dx)
+        assert sorted(grads_c) == sorted(grads)
+        for name, grad in grads.items():
+            if grad is None:
+                assert grads_c[name] is None, name
+            else:
+                torch.testing.assert_close(grads_c[name], grad, msg=lambda m, n=name: f"grad of {n}: {m}")
+    assert_same_state(converted, original)
+
+
+def fused_names(model):
+    return [layer.name for layer in model.tritonbn_fuse_report.fused]
+
+
+def fused_modules(model):
+    return {name: m for name, m in model.named_modules() if type(m).__module__ == "tritonbn.modules"}
+
+
+def fused_layers(model):
+    return {layer.name: (layer.activation, layer.negative_slope, layer.residual)
+            for layer in model.tritonbn_fuse_report.fused}
+
+
+def is_fused_module(module):
+    return isinstance(module, _BatchNormAct)
+
+
+@pytest.mark.parametrize("training", MODES)
+def test_resnet(training):
+    model = make(TinyResNet)
+    fused = tritonbn.fuse(model)
+    relu = ("relu", 0.01, False)
+    relu_after_add = ("relu", 0.01, True)
+    assert fused_layers(fused) == {
+        "bn1": relu,
+        "layer1.0.bn1": relu, "layer1.0.bn2": relu_after_add,
+        "layer1.1.bn1": relu, "layer1.1.bn2": relu_after_add,
+        "layer2.0.bn1": relu, "layer2.0.bn2": relu, "layer2.0.bn3": relu_after_add,
+    }
+    # A downsample branch's batch norm is the residual operand, already taken by the block's last one.
+    assert sorted(fused.tritonbn_fuse_report.unfused) == ["layer1.1.downsample.1", "layer2.0.downsample.1"]
+    assert all(type(fused.get_submodule(name)) is tritonbn.BatchNormAct2d for name in fused_layers(fused))
+    assert not any(isinstance(m, nn.ReLU) for m in fused.modules())
+    assert_same_computation(model, fused, (2, 3, 8, 8), training)
+
+
+@pytest.mark.parametrize("training", MODES)
+def test_mobilenet_v2_block(training):
+    model = make(InvertedResidual)
+    fused = tritonbn.fuse(model)
+    # The projection has no activation: its batch norm absorbs the skip connection alone.
+    assert fused_layers(fused) == {
+        "conv.1": ("relu6", 0.01, False), "conv.4": ("relu6", 0.01, False), "conv.7": ("identity", 0.01, True),
+    }
+    assert_same_computation(model, fused, (3, 4, 8, 8), training)
+
+
+@pytest.mark.parametrize("training", MODES)
+def test_functional_activations(training):
+    model = make(FunctionalActivations)
+    fused = tritonbn.fuse(model)
+    assert fused_layers(fused) == {
+        "bns.0": ("leaky_relu", 0.2, False), "bns.1": ("relu", 0.01, False), "bns.2": ("silu", 0.01, False),
+        "bns.5": ("hardswish", 0.01, True), "bns.6": ("relu", 0.01, False),
+    }
+    assert sorted(fused.tritonbn_fuse_report.unfused) == ["bns.3", "bns.4"]
+    assert_same_computation(model, fused, (2, 4, 8, 8), training)
+
+
+def test_batch_norm_used_twice_is_left_alone():
+    model = make(UsedTwice)
+    fused = tritonbn.fuse(model, inplace=True)
+    report = fused.tritonbn_fuse_report
+    assert report.fused == []
+    assert "used by 2 nodes" in report.unfused["bn"]
+    assert fused.bn is model.bn and fused.bn_out is model.bn_out
+    assert_same_computation(copy.deepcopy(model), fused, (2, 4, 8, 8), True)
+
+
+@pytest.mark.parametrize("training", MODES)
+def test_untraceable_model_falls_back_to_sequential_pairs(training):
+    model = make(DataDependent)
+    fused = tritonbn.fuse(model)
+    report = fused.tritonbn_fuse_report
+    assert report.method == "sequential" and "TraceError" in report.trace_error
+    assert type(fused) is DataDependent
+    assert fused_layers(fused) == {"features.1": ("silu", 0.01, False), "features.4": ("leaky_relu", 0.3, False)}
+    assert list(report.unfused) == ["bn"]
+    assert type(fused.features[2]) is nn.Identity and type(fused.features[5]) is nn.Identity
+    assert_same_computation(model, fused, (2, 3, 8, 8), training)
+
+
+def test_input_model_is_not_modified():
+    model = make(TinyResNet)
+    modules_before = dict(model.named_modules())
+    state_before = copy.deepcopy(model.state_dict())
+    fused = tritonbn.fuse(model)
+    assert dict(model.named_modules()) == modules_before
+    assert not any(is_fused_module(m) for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state_before[key]), key
+    fused_params = {id(p) for p in fused.parameters()}
+    assert not fused_params & {id(p) for p in model.parameters()}
+
+
+def test_inplace_shares_parameters_and_unfused_layers():
+    model = make(TinyResNet)
+    fused = tritonbn.fuse(model, inplace=True)
+    assert fused.get_submodule("layer1.0.bn1").weight is model.layer1[0].bn1.weight
+    assert fused.get_submodule("layer1.0.bn1").running_mean is model.layer1[0].bn1.running_mean
+    assert fused.get_submodule("layer1.1.downsample.1") is model.layer1[1].downsample[1]
+    assert {id(p) for p in fused.parameters()} == {id(p) for p in model.parameters()}
+
+
+class Options1d(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.BatchNorm1d(5, eps=1e-3, momentum=None), nn.LeakyReLU(0.1))
+
+
+class Options3d(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.BatchNorm3d(3, affine=False, track_running_stats=False), nn.ReLU(),
+                         nn.BatchNorm3d(3, momentum=0.3), nn.GELU())
+
+
+@pytest.mark.parametrize("training", MODES)
+@pytest.mark.parametrize(("model_class", "input_shape"), [(Options1d, (6, 5)), (Options3d, (2, 3, 2, 3, 4))])
+def test_batch_norm_options_are_carried_over(model_class, input_shape, training):
+    model = make(model_class)
+    model[-2].requires_grad_(False)  # a frozen batch norm stays frozen
+    fused = tritonbn.fuse(model)
+    for index, original in enumerate(model):
+        if not isinstance(original, nn.modules.batchnorm._BatchNorm):
+            continue
+        converted = fused.get_submodule(str(index))
+        assert is_fused_module(converted)
+        for attribute in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            assert getattr(converted, attribute) == getattr(original, attribute), attribute
+        for name, param in original.named_parameters():
+            assert getattr(converted, name).requires_grad == param.requires_grad
+            assert getattr(converted, name).dtype == torch.float64
+    assert_same_computation(model, fused, input_shape, training)
+
+
+def test_report_is_logged(caplog):
+    with caplog.at_level("INFO", logger="tritonbn.conversion"):
+        fused = tritonbn.fuse(make(UsedTwice))
+    assert isinstance(fused.tritonbn_fuse_report, FuseReport)
+    assert "unfused bn: output used by 2 nodes" in caplog.text
+
+
+@pytest.mark.parametrize("training", MODES)
+def test_unfuse_round_trip(training):
+    model = make(TinyResNet)
+    plain = tritonbn.unfuse(tritonbn.fuse(model))
+    assert all(type(m).__module__.startswith("torch.") for m in plain.modules()), plain
+    assert_same_computation(model, plain, (2, 3, 8, 8), training)
+    fresh = TinyResNet().double()
+    fresh.load_state_dict(plain.state_dict())
+    plain.load_state_dict(model.state_dict())
+
+
+def test_unfuse_outside_a_graph():
+    model = make(DataDependent)
+    fused = tritonbn.fuse(model)
+    plain = tritonbn.unfuse(fused)
+    assert type(plain.features[1]) is BatchNormThenAct2d and isinstance(plain.features[1], nn.BatchNorm2d)
+    assert not any(is_fused_module(m) for m in plain.modules())
+    assert_same_computation(model, plain, (2, 3, 8, 8), True)
+    DataDependent().double().load_state_dict(plain.state_dict())
+    assert any(is_fused_module(m) for m in fused.modules()), "unfuse must not modify its input"

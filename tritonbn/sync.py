@@ -1,0 +1,253 @@
+"""Synchronized batch norm + activation over a torch.distributed process group.
+
+Each rank reduces its own slice of the batch to per-channel (count, mean, M2); one all_gather brings
+every rank's triple to every rank, where they are merged exactly with Chan's parallel formula.  The
+backward pass all-reduces the two per-channel sums (of dz and dz * xhat) in one collective.  Ranks may
+hold any number of samples, zero included: they still join both collectives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .functional import _uses_kernels
+from .modules import _BatchNormAct
+from .reference import activate
+
+# ---------------------------------------------------------------------------------------------------
+# Per-rank primitives: the Triton kernels, or the same computations in PyTorch where they cannot run
+# ---------------------------------------------------------------------------------------------------
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(values: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return None if values is None else values.view([1, -1] + [1] * (x.dim() - 2))
+
+
+class _TorchPrimitives:
+    """The kernel launchers' contract written with torch ops, for CPU tensors without the interpreter."""
+
+    @staticmethod
+    def channel_moments(x):
+        xs = x.to(_stat_dtype(x))
+        mean = xs.mean(_reduce_dims(x))
+        return mean, (xs - _per_channel(mean, x)).square().sum(_reduce_dims(x))
+
+    @staticmethod
+    def _pre_activation(x, mean, rstd, weight, bias, residual):
+        xhat = (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(rstd, x)
+        z = xhat
+        if weight is not None:
+            z = z * _per_channel(weight.to(mean.dtype), x)
+        if bias is not None:
+            z = z + _per_channel(bias.to(mean.dtype), x)
+        if residual is not None:
+            z = z + residual.to(mean.dtype)
+        return xhat, z
+
+    @staticmethod
+    def normalize_act(x, mean, rstd, weight, bias, activation, negative_slope, residual):
+        _, z = _TorchPrimitives._pre_activation(x, mean, rstd, weight, bias, residual)
+        return activate(z, activation, negative_slope).to(x.dtype)
+
+    @staticmethod
+    def _dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual):
+        xhat, z = _TorchPrimitives._pre_activation(x, mean, rstd, weight, bias, residual)
+        with torch.enable_grad():
+            z = z.detach().requires_grad_()
+            (dz,) = torch.autograd.grad(activate(z, activation, negative_slope), z, dy.to(z.dtype))
+        return dz, xhat
+
+    @staticmethod
+    def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual):
+        dz, xhat = _TorchPrimitives._dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope,
+                                                 residual)
+        return dz.sum(_reduce_dims(x)), (dz * xhat).sum(_reduce_dims(x))
+
+    @staticmethod
+    def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual, sum_dz,
+                       sum_dz_xhat, count, training):
+        dz, xhat = _TorchPrimitives._dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope,
+                                                 residual)
+        scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
+        dxhat = dz
+        if training:
+            dxhat = dz - _per_channel(sum_dz / count, x) - xhat * _per_channel(sum_dz_xhat / count, x)
+        dx = (dxhat * _per_channel(scale, x)).to(x.dtype)
+        return dx, None if residual is None else dz.to(residual.dtype)
+
+
+def _primitives(x: torch.Tensor):
+    if _uses_kernels(x):
+        import tritonbn.kernels as kernels
+
+        return kernels
+    return _TorchPrimitives
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics over the group
+# ---------------------------------------------------------------------------------------------------
+
+
+def _gather_moments(x: torch.Tensor, primitives, process_group) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(global count, global mean, global M2) of every channel, merged exactly from all ranks.
+
+    The gathered triples travel in float64 so that counts stay exact and the merge loses nothing.
+    """
+    num_channels = x.shape[1]
+    local_count = x.numel() // num_channels
+    if local_count > 0:
+        mean, m2 = primitives.channel_moments(x)
+    else:
+        mean = m2 = torch.zeros(num_channels, dtype=_stat_dtype(x), device=x.device)
+    local = torch.cat([mean.new_full((1,), local_count), mean, m2]).to(torch.float64)
+    gathered = local.new_empty(dist.get_world_size(process_group), local.numel())
+    dist.all_gather(list(gathered.unbind(0)), local, group=process_group)
+    counts, means, m2s = gathered[:, :1], gathered[:, 1 : num_channels + 1], gathered[:, num_channels + 1 :]
+    # Chan et al.: M2 of the union = sum of the parts' M2 + sum of n_r * (mean_r - mean)^2.
+    count = counts.sum()
+    global_mean = (counts * means).sum(0) / count
+    global_m2 = (m2s + counts * (means - global_mean).square()).sum(0)
+    return int(count.item()), global_mean, global_m2
+
+
+def _update_running_stats(running_mean, running_var, mean, m2, count, momentum):
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((m2 / (count - 1)).to(running_var.dtype), momentum)
+
+
+class _SyncBatchNormActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps, momentum, activation,
+                negative_slope, process_group):
+        primitives = _primitives(input)
+        count, mean, m2 = _gather_moments(input, primitives, process_group)
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {count} over the group")
+        _update_running_stats(running_mean, running_var, mean, m2, count, momentum)
+        stat_dtype = _stat_dtype(input)
+        rstd = (m2 / count + eps).rsqrt().to(stat_dtype)
+        mean = mean.to(stat_dtype)
+        if input.numel() > 0:
+            out = primitives.normalize_act(input, mean, rstd, weight, bias, activation, negative_slope, residual)
+        else:
+            out = torch.empty_like(input)
+        ctx.save_for_backward(input, weight, bias, residual, mean, rstd)
+        ctx.options = (activation, negative_slope, count, process_group, primitives)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias, residual, mean, rstd = ctx.saved_tensors
+        activation, negative_slope, count, process_group, primitives = ctx.options
+        act = (weight, bias, activation, negative_slope, residual)
+        if input.numel() > 0:
+            sum_dz, sum_dz_xhat = primitives.backward_reduce(grad_output, input, mean, rstd, *act)
+        else:
+            sum_dz = sum_dz_xhat = torch.zeros_like(mean)
+        # One collective for both sums; weight and bias keep the local sums, as nn.SyncBatchNorm does
+        # (DistributedDataParallel averages parameter gradients itself).
+        global_sums = torch.cat([sum_dz, sum_dz_xhat])
+        dist.all_reduce(global_sums, group=process_group)
+        global_sum_dz, global_sum_dz_xhat = global_sums.chunk(2)
+        if input.numel() > 0:
+            grad_input, grad_residual = primitives.backward_input(
+                grad_output, input, mean, rstd, *act, global_sum_dz, global_sum_dz_xhat, count, True)
+        else:
+            grad_input = torch.zeros_like(input)
+            grad_residual = None if residual is None else torch.zeros_like(residual)
+        grad_weight = None if weight is None else sum_dz_xhat.to(weight.dtype)
+        grad_bias = None if bias is None else sum_dz.to(bias.dtype)
+        return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------------------
+
+
+class SyncBatchNormAct(_BatchNormAct):
+    """``act(SyncBatchNorm(input) + residual)`` with statistics over ``process_group``.
+
+    Mirrors nn.SyncBatchNorm: input of any rank >= 2, (N, C, ...); outside training, without an
+    initialized process group or in a group of one, it computes exactly what BatchNormAct does.
+    Weight and bias gradients are the local ones (DistributedDataParallel averages them).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, *, activation="relu", negative_slope=0.01):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         activation=activation, negative_slope=negative_slope)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _group_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not (self.training and self._group_size() > 1):
+            return super().forward(input, residual)
+        self._check_input_dim(input)
+        if residual is not None and residual.shape != input.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)} but the input has {tuple(input.shape)}")
+        average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                average_factor = 1.0 / float(self.num_batches_tracked)
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        return _SyncBatchNormActFunction.apply(
+            input, self.weight, self.bias, residual, running_mean, running_var, self.eps, average_factor,
+            self.activation, self.negative_slope, self.process_group or dist.group.WORLD,
+        )
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every tritonbn BatchNormAct{1,2,3}d of ``module`` by a SyncBatchNormAct sharing its state.
+
+    Like nn.SyncBatchNorm.convert_sync_batchnorm it works in place and returns ``module`` (or the new
+    layer when ``module`` itself is one).  Plain nn.BatchNorm*d layers are left alone: run
+    `tritonbn.fuse` first to turn the fusable ones into BatchNormAct, and
+    nn.SyncBatchNorm.convert_sync_batchnorm for the rest.
+    """
+    from tritonbn.modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+
+    if type(module) in (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d):
+        return _sync_from(module, process_group)
+    for name, child in module.named_children():
+        converted = convert_sync_batchnorm(child, process_group)
+        if converted is not child:
+            module.add_module(name, converted)
+    return module
+
+
+def _sync_from(fused: nn.Module, process_group) -> SyncBatchNormAct:
+    from tritonbn.conversion import factory_kwargs_of, share_batch_norm_state
+
+    sync = SyncBatchNormAct(
+        fused.num_features, fused.eps, fused.momentum, fused.affine, fused.track_running_stats, process_group,
+        activation=fused.activation, negative_slope=fused.negative_slope, **factory_kwargs_of(fused),
+    )
+    share_batch_norm_state(fused, sync)
+    if hasattr(fused, "qconfig"):
+        sync.qconfig = fused.qconfig
+    return sync
