@@ -504,11 +504,14 @@ def _param_args(weight, bias, dummy):
 
 
 def normalize_act(x, mean, rstd, weight, bias, activation, negative_slope, residual):
-    """act((x - mean) * rstd * weight + bias [+ residual]) in one pass; output keeps x's layout."""
+    """act((x - mean) * rstd * weight + bias [+ residual]) in one pass; output keeps x's layout.
+
+    The output's dtype is x's, promoted with the residual's as ``bn(x) + residual`` would be.
+    """
     x, x_strides = as_addressable(x)
     plan = _plan_for(x, x_strides)
     R, C, S = _dims(x)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=output_dtype(x, residual))
     if R == 0:
         return y
     y_strides = _ncs_strides(y)
@@ -551,6 +554,11 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation, ne
     return y, mean, rstd
 
 
+def output_dtype(x: torch.Tensor, residual) -> torch.dtype:
+    """The dtype of act(bn(x) + residual): x's, promoted with the residual's as PyTorch's add does."""
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
 def _grad_operands(dy, x, residual, activation):
     """dy, x and (when the activation needs z) residual, each with its (n, c, s) strides."""
     dy, dy_strides = as_addressable(dy)
@@ -563,18 +571,19 @@ def _grad_operands(dy, x, residual, activation):
     return dy, dy_strides, x, x_strides, residual, r_strides
 
 
-def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual, dz_out=None):
+def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual, return_dz=False):
     """Per-channel (sum of dz, sum of dz * xhat), dz = dy * act'(z): the bias and weight gradients.
 
-    With ``dz_out`` (a tensor shaped like x) dz is also written there: it is the residual's gradient, and
-    ``backward_input(..., dz=dz_out)`` then reads it instead of dy and the residual.
+    With ``return_dz`` dz itself is also written and returned third, in dy's dtype: it is the residual's
+    gradient, and ``backward_input(..., dz=dz)`` then reads it instead of dy and the residual.
     """
     dy, dy_strides, x, x_strides, residual, r_strides = _grad_operands(dy, x, residual, activation)
     plan = _plan_for(x, x_strides)
     R, C, S = _dims(x)
     part_dz = torch.zeros((plan.num_splits, C), dtype=mean.dtype, device=x.device)
     part_dz_xhat = torch.zeros_like(part_dz)
-    dz_strides = _ncs_strides(dz_out) if dz_out is not None else (0, 0, 0)
+    dz_out = torch.empty_like(x, dtype=dy.dtype) if return_dz else None
+    dz_strides = _ncs_strides(dz_out) if return_dz else (0, 0, 0)
     if R > 0:
         _backward_reduce_kernel[plan.grid](
             dy, x, residual if residual is not None else x, mean, rstd, *_param_args(weight, bias, mean),
@@ -589,7 +598,7 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope,
     _sum_partials_kernel[plan.reduce_grid](
         part_dz, part_dz_xhat, sum_dz, sum_dz_xhat, C, plan.num_splits,
         BLOCK_C=plan.block_c, COMPUTE=_compute_dtype(x))
-    return sum_dz, sum_dz_xhat
+    return (sum_dz, sum_dz_xhat, dz_out) if return_dz else (sum_dz, sum_dz_xhat)
 
 
 def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual,
@@ -609,7 +618,7 @@ def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, 
     dx = torch.empty_like(x) if need_dx else None
     store_dz = need_dresidual and dz is None
     if store_dz:
-        dz = torch.empty_like(x)
+        dz = torch.empty_like(x, dtype=dy.dtype)
     dresidual = dz if need_dresidual else None
     if R == 0 or not (need_dx or store_dz):
         return dx, dresidual

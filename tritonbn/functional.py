@@ -75,8 +75,8 @@ class BatchNormActFunction(torch.autograd.Function):
         need_dz = need_residual and grad_residual is None
         sum_dz = sum_dz_xhat = dz = None
         if need_weight or need_bias or (ctx.training and need_input):
-            dz = torch.empty_like(input) if need_dz else None
-            sum_dz, sum_dz_xhat = kernels.backward_reduce(*args, dz_out=dz)
+            sum_dz, sum_dz_xhat, *written = kernels.backward_reduce(*args, return_dz=need_dz)
+            dz = written[0] if need_dz else None
         grad_input = None
         if need_input or (need_dz and dz is None):
             count = input.numel() // input.shape[1] if input.shape[1] else 0

@@ -56,7 +56,9 @@ def normalize_act(input: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | No
 
 @normalize_act.register_fake
 def _(input, mean, rstd, weight, bias, residual, activation, negative_slope, training):
-    return torch.empty_like(input)
+    from .kernels.batch_norm_act import output_dtype
+
+    return torch.empty_like(input, dtype=output_dtype(input, residual))
 
 
 @torch.library.custom_op("tritonbn::backward", mutates_args=())
@@ -80,7 +82,7 @@ def backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor, wei
 
 @backward.register_fake
 def _(grad_output, input, mean, rstd, weight, bias, residual, activation, negative_slope, training):
-    grad_residual = torch.empty_like(input) if residual is not None else input.new_empty(0)
+    grad_residual = torch.empty_like(input, dtype=grad_output.dtype) if residual is not None else input.new_empty(0)
     return torch.empty_like(input), torch.empty_like(mean), torch.empty_like(mean), grad_residual
 
 

@@ -59,5 +59,6 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
         z = z + _channel_view(bias, x.dim(), compute_dtype)
     if residual is not None:
         z = z + residual.to(compute_dtype)
-    # Step 4: the non-linearity.
-    return activate(z, activation, negative_slope).to(input.dtype)
+    # Step 4: the non-linearity; the dtype is what bn(input) + residual would have.
+    output_dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
+    return activate(z, activation, negative_slope).to(output_dtype)

@@ -21,7 +21,7 @@ class DeviceMismatchError(ValueError, RuntimeError):
 
 
 class InputDtypeError(TypeError, RuntimeError):
-    """The input (or a parameter) is not a floating-point tensor, or the residual's dtype differs."""
+    """The input, a parameter or the residual is not a floating-point tensor."""
 
 
 def check_activation(activation: str) -> str:
@@ -61,8 +61,8 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, residu
         if residual.shape != input.shape:
             raise ChannelMismatchError(
                 f"residual has shape {tuple(residual.shape)} but the input has shape {tuple(input.shape)}")
-        if residual.dtype != input.dtype:
-            raise InputDtypeError(f"residual has dtype {residual.dtype} but the input has dtype {input.dtype}")
+        if not residual.is_floating_point():
+            raise InputDtypeError(f"residual must be floating point, got dtype {residual.dtype}")
     if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
         # Same words as PyTorch, which tools and tests match on.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
