@@ -612,6 +612,7 @@ def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, 
     """
     if need_dresidual is None:
         need_dresidual = residual is not None
+    training = training and need_dx  # the batch-statistics terms (and the sums) only enter dx
     dy, dy_strides, x, x_strides, residual, r_strides = _grad_operands(dy, x, residual, activation)
     plan = _plan_for(x, x_strides)
     R, C, S = _dims(x)

@@ -8,7 +8,6 @@ import contextlib
 import os
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import ops, reference
 from .validation import check_activation, check_batch_norm_args
@@ -57,37 +56,68 @@ class BatchNormActFunction(torch.autograd.Function):
         saved_residual = residual if activation != "identity" else None
         ctx.save_for_backward(input, weight, bias, saved_residual, mean, rstd)
         ctx.training = training
+        ctx.eps = eps
         ctx.activation = activation
         ctx.negative_slope = negative_slope
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
-        from . import kernels
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward, gradient penalties): the kernels' gradients are not
+            # themselves differentiable, so this rare case recomputes them with PyTorch ops that are.
+            return _differentiable_backward(ctx, grad_output)
+        return _fused_backward(ctx, grad_output)
 
-        input, weight, bias, residual, mean, rstd = ctx.saved_tensors
-        need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
-        args = (grad_output, input, mean, rstd, weight, bias, ctx.activation, ctx.negative_slope, residual)
-        # The residual's gradient is dz = dy * act'(z): dy itself for the identity, else written by the
-        # first pass that computes dz, and then read back instead of recomputed.
-        grad_residual = grad_output if need_residual and ctx.activation == "identity" else None
-        need_dz = need_residual and grad_residual is None
-        sum_dz = sum_dz_xhat = dz = None
-        if need_weight or need_bias or (ctx.training and need_input):
-            sum_dz, sum_dz_xhat, *written = kernels.backward_reduce(*args, return_dz=need_dz)
-            dz = written[0] if need_dz else None
-        grad_input = None
-        if need_input or (need_dz and dz is None):
-            count = input.numel() // input.shape[1] if input.shape[1] else 0
-            grad_input, dz = kernels.backward_input(
-                *args, sum_dz, sum_dz_xhat, count, ctx.training,
-                need_dx=need_input, need_dresidual=need_dz, dz=dz)
-        if need_dz:
-            grad_residual = dz
-        grad_weight = sum_dz_xhat.to(weight.dtype).view_as(weight) if need_weight else None
-        grad_bias = sum_dz.to(bias.dtype).view_as(bias) if need_bias else None
-        return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None, None
+
+_NON_TENSOR_GRADS = (None,) * 7  # running_mean, running_var, training, momentum, eps, activation, slope
+
+
+def _fused_backward(ctx, grad_output):
+    from . import kernels
+
+    input, weight, bias, residual, mean, rstd = ctx.saved_tensors
+    need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
+    args = (grad_output, input, mean, rstd, weight, bias, ctx.activation, ctx.negative_slope, residual)
+    # The residual's gradient is dz = dy * act'(z): dy itself for the identity, else written by the
+    # first pass that computes dz, and then read back instead of recomputed.
+    grad_residual = grad_output if need_residual and ctx.activation == "identity" else None
+    need_dz = need_residual and grad_residual is None
+    sum_dz = sum_dz_xhat = dz = None
+    if need_weight or need_bias or (ctx.training and need_input):
+        sum_dz, sum_dz_xhat, *written = kernels.backward_reduce(*args, return_dz=need_dz)
+        dz = written[0] if need_dz else None
+    grad_input = None
+    if need_input or (need_dz and dz is None):
+        count = input.numel() // input.shape[1] if input.shape[1] else 0
+        grad_input, dz = kernels.backward_input(
+            *args, sum_dz, sum_dz_xhat, count, ctx.training,
+            need_dx=need_input, need_dresidual=need_dz, dz=dz)
+    if need_dz:
+        grad_residual = dz
+    grad_weight = sum_dz_xhat.to(weight.dtype).view_as(weight) if need_weight else None
+    grad_bias = sum_dz.to(bias.dtype).view_as(bias) if need_bias else None
+    return (grad_input, grad_weight, grad_bias, grad_residual, *_NON_TENSOR_GRADS)
+
+
+def _differentiable_backward(ctx, grad_output):
+    input, weight, bias, residual, mean, rstd = ctx.saved_tensors
+    if ctx.training:  # batch statistics depend on the input: recompute them differentiably
+        dtype = reference.compute_dtype(input)
+        var, mean = torch.var_mean(input.to(dtype), dim=[0] + list(range(2, input.dim())), correction=0)
+        rstd = torch.rsqrt(var + ctx.eps)
+    output = reference.normalize_act(input, mean, rstd, weight, bias, ctx.activation, ctx.negative_slope,
+                                     residual)
+    grads = [None, None, None, None]
+    # An identity's residual was not saved: its gradient is the output's, unchanged.
+    if ctx.needs_input_grad[3] and residual is None:
+        grads[3] = grad_output
+    operands = (input, weight, bias, residual)
+    wanted = [i for i, tensor in enumerate(operands) if ctx.needs_input_grad[i] and tensor is not None]
+    computed = torch.autograd.grad(output, [operands[i] for i in wanted], grad_output, create_graph=True)
+    for i, grad in zip(wanted, computed):
+        grads[i] = grad
+    return (*grads, *_NON_TENSOR_GRADS)
 
 
 def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,

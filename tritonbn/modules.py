@@ -6,19 +6,40 @@ checks ``isinstance(m, _BatchNorm)`` still sees a batch norm. They do not subcla
 tools that fold a BatchNorm2d into a convolution would silently drop the activation.
 """
 
+import inspect
+
+from torch.nn import init
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import batch_norm_act_checked
 from .validation import check_activation, check_batch_norm_args
 
+# torch 2.13 added nn.BatchNorm*d(..., *, bias=True); older releases always make a bias when affine.
+TORCH_BATCH_NORM_HAS_BIAS_FLAG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
 
 class _BatchNormAct(_BatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, activation="relu", negative_slope=0.01):
+                 device=None, dtype=None, *, bias=True, activation="relu", negative_slope=0.01):
         check_activation(activation)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        if TORCH_BATCH_NORM_HAS_BIAS_FLAG:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                             dtype=dtype, bias=bias)
+        else:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                             dtype=dtype)
+            if not bias:
+                self.register_parameter("bias", None)
         self.activation = activation
         self.negative_slope = negative_slope
+
+    def reset_parameters(self):
+        # As torch 2.13's, which older releases lack: they would initialise a bias of None.
+        self.reset_running_stats()
+        if self.affine:
+            init.ones_(self.weight)
+            if self.bias is not None:
+                init.zeros_(self.bias)
 
     def forward(self, input, residual=None):
         self._check_input_dim(input)

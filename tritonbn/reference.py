@@ -30,35 +30,41 @@ def _channel_view(t: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tenso
     return t.to(dtype).reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def compute_dtype(input: torch.Tensor) -> torch.dtype:
+    """float64 for float64 input, else float32: the precision all the arithmetic runs in."""
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
 def batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
                    activation, negative_slope, residual):
-    compute_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    x = input.to(compute_dtype)
-    reduce_dims = [0] + list(range(2, input.dim()))
-    count = input.numel() // max(input.shape[1], 1)
-
+    dtype = compute_dtype(input)
     # Step 1: per-channel mean and variance, from the batch in training, else the running estimates.
     if training:
-        var, mean = torch.var_mean(x, dim=reduce_dims, correction=0)
+        var, mean = torch.var_mean(input.to(dtype), dim=[0] + list(range(2, input.dim())), correction=0)
+        count = input.numel() // max(input.shape[1], 1)
         if running_mean is not None and count > 0:
             with torch.no_grad():
                 unbiased_var = var * (count / (count - 1))
-                running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-                running_var.lerp_(unbiased_var.detach().to(running_var.dtype), momentum)
+                running_mean.lerp_(mean.detach().to(running_mean.dtype), float(momentum))
+                running_var.lerp_(unbiased_var.detach().to(running_var.dtype), float(momentum))
     else:
-        mean, var = running_mean.to(compute_dtype), running_var.to(compute_dtype)
+        mean, var = running_mean.to(dtype), running_var.to(dtype)
+    return normalize_act(input, mean, torch.rsqrt(var + eps), weight, bias, activation, negative_slope, residual)
 
+
+def normalize_act(input, mean, rstd, weight, bias, activation, negative_slope, residual):
+    """Steps 2 to 4 with given per-channel statistics: act((x - mean) * rstd * weight + bias [+ residual])."""
+    dtype = compute_dtype(input)
+    x = input.to(dtype)
     # Step 2: normalise to zero mean and unit variance.
-    x_hat = (x - _channel_view(mean, x.dim(), compute_dtype)) * torch.rsqrt(
-        _channel_view(var, x.dim(), compute_dtype) + eps)
+    z = (x - _channel_view(mean, x.dim(), dtype)) * _channel_view(rstd, x.dim(), dtype)
     # Step 3: scale and shift with the learnt gamma (weight) and beta (bias).
-    z = x_hat
     if weight is not None:
-        z = z * _channel_view(weight, x.dim(), compute_dtype)
+        z = z * _channel_view(weight, x.dim(), dtype)
     if bias is not None:
-        z = z + _channel_view(bias, x.dim(), compute_dtype)
+        z = z + _channel_view(bias, x.dim(), dtype)
     if residual is not None:
-        z = z + residual.to(compute_dtype)
+        z = z + residual.to(dtype)
     # Step 4: the non-linearity; the dtype is what bn(input) + residual would have.
     output_dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
     return activate(z, activation, negative_slope).to(output_dtype)

@@ -20,8 +20,16 @@ class DeviceMismatchError(ValueError, RuntimeError):
     """Tensors of one call live on different devices."""
 
 
-class InputDtypeError(TypeError, RuntimeError):
-    """The input, a parameter or the residual is not a floating-point tensor."""
+class InputDtypeError(TypeError, NotImplementedError):
+    """The input, a parameter or the residual is not a floating-point tensor (PyTorch: NotImplementedError)."""
+
+
+class InputRankError(ValueError, RuntimeError):
+    """The input has fewer than two dims (N, C)."""
+
+
+class MissingRunningStatsError(ValueError, RuntimeError):
+    """Eval mode without running statistics to normalise with."""
 
 
 def check_activation(activation: str) -> str:
@@ -31,14 +39,19 @@ def check_activation(activation: str) -> str:
     return activation
 
 
-def check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training):
-    """Raise a clear error for anything ``batch_norm_act`` cannot compute; return nothing."""
+def check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training, *,
+                          check_batch_size=True):
+    """Raise a clear error for anything ``batch_norm_act`` cannot compute; return nothing.
+
+    ``check_batch_size=False`` skips the "more than 1 value per channel" check, for synchronized batch
+    norm, whose statistics are over the whole process group rather than this rank's batch.
+    """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise InputDtypeError(f"batch norm needs a floating-point input, got dtype {input.dtype}")
     if input.dim() < 2:
-        raise ValueError(f"expected an input of at least 2 dims (N, C, ...), got {input.dim()}D input")
+        raise InputRankError(f"expected an input of at least 2 dims (N, C, ...), got {input.dim()}D input")
     channels = input.shape[1]
     per_channel = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
     for name, tensor in per_channel.items():
@@ -54,7 +67,8 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, residu
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both be None)")
     if not training and running_mean is None:
-        raise ValueError("running_mean and running_var must be given when training=False (eval mode)")
+        raise MissingRunningStatsError(
+            "running_mean and running_var must be given when training=False (eval mode)")
     if residual is not None:
         if residual.device != input.device:
             raise DeviceMismatchError(f"residual is on {residual.device} but the input is on {input.device}")
@@ -63,6 +77,6 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, residu
                 f"residual has shape {tuple(residual.shape)} but the input has shape {tuple(input.shape)}")
         if not residual.is_floating_point():
             raise InputDtypeError(f"residual must be floating point, got dtype {residual.dtype}")
-    if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
+    if training and check_batch_size and input.shape[0] * math.prod(input.shape[2:]) == 1:
         # Same words as PyTorch, which tools and tests match on.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
