@@ -30,6 +30,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -760,7 +761,11 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
 def run(args: argparse.Namespace) -> int:
     """Run the study from parsed `add_arguments` flags; prints the verdicts and the report's path."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:  # settings that contradict each other are a usage error, not a crash
+        print(f"tritonbn-perf impact: error: {error}", file=sys.stderr)
+        return 2
     workers = args.workers or (1 if args.quick else min(2, os.cpu_count() or 1))
     rows, report = run_study(config, device, args.out, kernels=args.kernels, workers=workers,
                              threads=args.threads, progress=not args.no_progress)

@@ -20,6 +20,7 @@ from tritonbn.perf.cli import main
     (["step", "--batch", "0"], "positive integer"),
     (["traffic", "--layout", "nwhc"], "invalid choice"),
     (["report", "does-not-exist.csv"], "no such results CSV"),
+    (["impact", "--quick", "--base-lr", "0.5", "--no-progress"], "base LR must be one of the swept LRs"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
 ])
