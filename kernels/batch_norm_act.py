@@ -40,9 +40,20 @@ def _tile_offsets(rows, cols, S, stride_n, stride_c, stride_s):
 
 
 @triton.jit
+def _split_rows(rows_per_split, R, ROWS_I64: tl.constexpr):
+    """First and end row of this program's split; int64 only when rows pass int32's range (rare, and
+    int64 index arithmetic is slower)."""
+    pid_split = tl.program_id(1)
+    if ROWS_I64:
+        pid_split = pid_split.to(tl.int64)
+    row_start = pid_split * rows_per_split
+    return row_start, tl.minimum(row_start + rows_per_split, R)
+
+
+@triton.jit
 def _scalar(hi, lo, like):
-    """A float argument, passed as a float32 head and tail so that float64 kernels see it exactly, as a
-    tensor shaped and typed like ``like`` (adding to it promotes exactly, on GPU and in the interpreter)."""
+    """A float argument, passed as a float32 head and tail (about 48 bits: a few float64 ulps, where a
+    single float32 would lose 29 bits), as a tensor shaped and typed like ``like``."""
     return (tl.zeros_like(like) + hi) + lo
 
 
@@ -58,14 +69,13 @@ def _moments_partial_kernel(
     rows_per_split,  # rows each split owns; a multiple of BLOCK_R
     BLOCK_R: tl.constexpr,  # rows per tile
     BLOCK_C: tl.constexpr,  # channels per tile
+    ROWS_I64: tl.constexpr,  # row indices need int64
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     pid_c = tl.program_id(0)
-    pid_split = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    row_start = pid_split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, R)
+    row_start, row_end = _split_rows(rows_per_split, R, ROWS_I64)
 
     count = tl.zeros([BLOCK_C], dtype=COMPUTE)
     mean = tl.zeros([BLOCK_C], dtype=COMPUTE)
@@ -87,7 +97,7 @@ def _moments_partial_kernel(
         m2 += tile_m2 + delta * delta * count * weight
         count = total
 
-    out = pid_split * C + cols
+    out = tl.program_id(1) * C + cols
     tl.store(part_mean_ptr + out, mean, mask=col_mask)
     tl.store(part_m2_ptr + out, m2, mask=col_mask)
 
@@ -101,9 +111,9 @@ def _moments_finalize_kernel(
     m2_ptr,  # [C] out when STORE_M2: total sum of squared deviations
     running_mean_ptr,  # [C] updated in place when UPDATE_RUNNING
     running_var_ptr,  # [C] updated in place (unbiased variance) when UPDATE_RUNNING
-    R,  # number of reduction rows, N * S
     C,  # number of channels
     rows_per_split,  # rows each split owned
+    last_split_rows,  # rows the last split owned (the remainder)
     num_splits,  # number of partials per channel
     eps_hi, eps_lo,  # eps as a float32 head and tail
     momentum_hi, momentum_lo,  # running-average factor as a float32 head and tail
@@ -119,9 +129,9 @@ def _moments_finalize_kernel(
     m2 = tl.zeros([BLOCK_C], dtype=COMPUTE)
     # Merged in split order, always the same way, so the statistics are bitwise reproducible.
     for split in range(0, num_splits):
-        split_count = tl.minimum(R - split * rows_per_split, rows_per_split).to(COMPUTE)
-        split_mean = tl.load(part_mean_ptr + split * C + cols, mask=col_mask, other=0.0)
-        split_m2 = tl.load(part_m2_ptr + split * C + cols, mask=col_mask, other=0.0)
+        split_count = tl.where(split == num_splits - 1, last_split_rows, rows_per_split).to(COMPUTE)
+        split_mean = tl.load(part_mean_ptr + split * C + cols, mask=col_mask, other=0.0).to(COMPUTE)
+        split_m2 = tl.load(part_m2_ptr + split * C + cols, mask=col_mask, other=0.0).to(COMPUTE)
         total = count + split_count
         delta = split_mean - mean
         weight = split_count / total
@@ -179,17 +189,16 @@ def _forward_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr,  # activation id, see activations.py
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # tile shape
+    ROWS_I64: tl.constexpr,  # row indices need int64
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     pid_c = tl.program_id(0)
-    pid_split = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mean, rstd, scale, bias = _load_channel_params(
         mean_ptr, rstd_ptr, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     negative_slope = _scalar(slope_hi, slope_lo, mean)
-    row_start = pid_split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, R)
+    row_start, row_end = _split_rows(rows_per_split, R, ROWS_I64)
     for start in range(row_start, row_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & col_mask[None, :]
@@ -243,10 +252,10 @@ def _backward_reduce_kernel(
     STORE_DZ: tl.constexpr,  # write dz, so the input-gradient pass reads it instead of dy and the residual
     ACTIVATION: tl.constexpr,  # activation id, see activations.py
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # tile shape
+    ROWS_I64: tl.constexpr,  # row indices need int64
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     pid_c = tl.program_id(0)
-    pid_split = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mean, rstd, scale, bias = _load_channel_params(
@@ -254,8 +263,7 @@ def _backward_reduce_kernel(
     negative_slope = _scalar(slope_hi, slope_lo, mean)
     sum_dz = tl.zeros([BLOCK_C], dtype=COMPUTE)
     sum_dz_xhat = tl.zeros([BLOCK_C], dtype=COMPUTE)
-    row_start = pid_split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, R)
+    row_start, row_end = _split_rows(rows_per_split, R, ROWS_I64)
     for start in range(row_start, row_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & col_mask[None, :]
@@ -270,7 +278,7 @@ def _backward_reduce_kernel(
             tl.store(dz_ptr + dz_offsets, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         sum_dz += tl.sum(dz, axis=0)
         sum_dz_xhat += tl.sum(dz * xhat, axis=0)
-    out = pid_split * C + cols
+    out = tl.program_id(1) * C + cols
     tl.store(part_dz_ptr + out, sum_dz, mask=col_mask)
     tl.store(part_dz_xhat_ptr + out, sum_dz_xhat, mask=col_mask)
 
@@ -289,8 +297,8 @@ def _sum_partials_kernel(
     sum_a = tl.zeros([BLOCK_C], dtype=COMPUTE)
     sum_b = tl.zeros([BLOCK_C], dtype=COMPUTE)
     for split in range(0, num_splits):
-        sum_a += tl.load(part_a_ptr + split * C + cols, mask=col_mask, other=0.0)
-        sum_b += tl.load(part_b_ptr + split * C + cols, mask=col_mask, other=0.0)
+        sum_a += tl.load(part_a_ptr + split * C + cols, mask=col_mask, other=0.0).to(COMPUTE)
+        sum_b += tl.load(part_b_ptr + split * C + cols, mask=col_mask, other=0.0).to(COMPUTE)
     tl.store(sum_a_ptr + cols, sum_a, mask=col_mask)
     tl.store(sum_b_ptr + cols, sum_b, mask=col_mask)
 
@@ -319,10 +327,10 @@ def _backward_input_kernel(
     STORE_DX: tl.constexpr, STORE_DZ: tl.constexpr, LOAD_DZ: tl.constexpr,
     ACTIVATION: tl.constexpr,  # activation id, see activations.py
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # tile shape
+    ROWS_I64: tl.constexpr,  # row indices need int64
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     pid_c = tl.program_id(0)
-    pid_split = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mean, rstd, scale, bias = _load_channel_params(
@@ -335,8 +343,7 @@ def _backward_input_kernel(
         inv_count = 1.0 / (tl.zeros_like(mean) + count)
         mean_dz = tl.load(sum_dz_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE) * inv_count
         mean_dz_xhat = tl.load(sum_dz_xhat_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE) * inv_count
-    row_start = pid_split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, R)
+    row_start, row_end = _split_rows(rows_per_split, R, ROWS_I64)
     for start in range(row_start, row_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & col_mask[None, :]
@@ -404,6 +411,8 @@ class _Plan:
         splits = max(1, min(triton.cdiv(R, self.block_r), _target_programs(device) // channel_blocks))
         self.rows_per_split = triton.cdiv(triton.cdiv(R, splits), self.block_r) * self.block_r
         self.num_splits = triton.cdiv(R, self.rows_per_split)
+        # The last split's end row and tile must stay inside int32, or the kernels index in int64.
+        self.rows_i64 = self.num_splits * self.rows_per_split + self.block_r >= 2**31
         self.grid = (channel_blocks, self.num_splits)
         self.reduce_grid = (triton.cdiv(C, self.block_c),)
         self.num_warps = 4 if self.block_r * self.block_c <= 2048 else 8
@@ -442,7 +451,8 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _split_float(value: float) -> tuple[float, float]:
-    """A float as a float32-exact head plus tail: Triton passes Python floats as float32."""
+    """A float as a float32 head plus the rest: Triton passes Python floats as float32, so float64
+    kernels rebuild the value from both (to about 48 bits)."""
     head = float(torch.tensor(value, dtype=torch.float32))
     return head, value - head
 
@@ -478,7 +488,8 @@ def _moments(x, x_strides, plan, eps, running_mean=None, running_var=None, momen
     part_m2 = torch.empty_like(part_mean)
     _moments_partial_kernel[plan.grid](
         x, part_mean, part_m2, R, C, S, *x_strides, plan.rows_per_split,
-        BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, COMPUTE=compute, num_warps=plan.num_warps)
+        BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, ROWS_I64=plan.rows_i64, COMPUTE=compute,
+        num_warps=plan.num_warps)
     mean = torch.empty(C, dtype=stats_dtype, device=x.device)
     rstd = torch.empty_like(mean)
     m2 = torch.empty_like(mean) if store_m2 else mean
@@ -486,7 +497,8 @@ def _moments(x, x_strides, plan, eps, running_mean=None, running_var=None, momen
     _moments_finalize_kernel[plan.reduce_grid](
         part_mean, part_m2, mean, rstd, m2,
         running_mean if update else mean, running_var if update else mean,
-        R, C, plan.rows_per_split, plan.num_splits, *_split_float(eps), *_split_float(momentum),
+        C, plan.rows_per_split, R - (plan.num_splits - 1) * plan.rows_per_split, plan.num_splits,
+        *_split_float(eps), *_split_float(momentum),
         STORE_M2=store_m2, UPDATE_RUNNING=update, BLOCK_C=plan.block_c, COMPUTE=compute)
     return mean, rstd, m2
 
@@ -524,7 +536,7 @@ def normalize_act(x, mean, rstd, weight, bias, activation, negative_slope, resid
         R, C, S, *x_strides, *y_strides, *r_strides, plan.rows_per_split, *_split_float(negative_slope),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         ACTIVATION=_activation_id(activation), BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-        COMPUTE=_compute_dtype(x), num_warps=plan.num_warps)
+        ROWS_I64=plan.rows_i64, COMPUTE=_compute_dtype(x), num_warps=plan.num_warps)
     return y
 
 
@@ -580,7 +592,7 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope,
     dy, dy_strides, x, x_strides, residual, r_strides = _grad_operands(dy, x, residual, activation)
     plan = _plan_for(x, x_strides)
     R, C, S = _dims(x)
-    part_dz = torch.zeros((plan.num_splits, C), dtype=mean.dtype, device=x.device)
+    part_dz = torch.zeros((plan.num_splits, C), dtype=_stats_dtype(x), device=x.device)
     part_dz_xhat = torch.zeros_like(part_dz)
     dz_out = torch.empty_like(x, dtype=dy.dtype) if return_dz else None
     dz_strides = _ncs_strides(dz_out) if return_dz else (0, 0, 0)
@@ -592,8 +604,9 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope,
             *_split_float(negative_slope),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
             STORE_DZ=dz_out is not None, ACTIVATION=_activation_id(activation),
-            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, COMPUTE=_compute_dtype(x), num_warps=plan.num_warps)
-    sum_dz = torch.empty(C, dtype=mean.dtype, device=x.device)
+            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, ROWS_I64=plan.rows_i64, COMPUTE=_compute_dtype(x),
+            num_warps=plan.num_warps)
+    sum_dz = torch.empty(C, dtype=_stats_dtype(x), device=x.device)
     sum_dz_xhat = torch.empty_like(sum_dz)
     _sum_partials_kernel[plan.reduce_grid](
         part_dz, part_dz_xhat, sum_dz, sum_dz_xhat, C, plan.num_splits,
@@ -634,5 +647,5 @@ def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, 
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         TRAINING=training, STORE_DX=need_dx, STORE_DZ=store_dz, LOAD_DZ=dz is not None and not store_dz,
         ACTIVATION=_activation_id(activation), BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-        COMPUTE=_compute_dtype(x), num_warps=plan.num_warps)
+        ROWS_I64=plan.rows_i64, COMPUTE=_compute_dtype(x), num_warps=plan.num_warps)
     return dx, dresidual

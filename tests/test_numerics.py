@@ -154,3 +154,33 @@ def test_nan_stays_in_its_channel(device, training):
         assert running_var[others].isfinite().all()
     else:
         assert y[1, 1, 2, 3].isnan() and y.isnan().sum() == 1, "eval output is NaN at the NaN only"
+
+
+def test_rows_past_int32_switch_the_kernels_to_int64_indices():
+    from tritonbn.kernels import batch_norm_act as launchers
+
+    assert launchers._Plan(2**31 + 8, 1, False, torch.device("cpu")).rows_i64
+    assert not launchers._Plan(2**20, 64, False, torch.device("cpu")).rows_i64
+
+
+def test_int64_row_indices_give_the_same_results(device, monkeypatch):
+    from tritonbn.kernels import batch_norm_act as launchers
+
+    x = torch.randn(3, 4, 9, 11, dtype=torch.float64, device=device, requires_grad=True)
+    residual = torch.randn_like(x, requires_grad=True)
+    weight = torch.rand(4, dtype=torch.float64, device=device, requires_grad=True)
+
+    def run():
+        out = tritonbn.batch_norm_act(x, None, None, weight, None, True, activation="silu", residual=residual)
+        return (out, *torch.autograd.grad(out, (x, weight, residual), torch.ones_like(out)))
+
+    expected = run()
+    original_init = launchers._Plan.__init__
+
+    def plan_with_int64_rows(self, *args):
+        original_init(self, *args)
+        self.rows_i64 = True
+
+    monkeypatch.setattr(launchers._Plan, "__init__", plan_with_int64_rows)
+    for got, want in zip(run(), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
