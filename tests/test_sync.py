@@ -174,3 +174,65 @@ def test_convert_sync_batchnorm_keeps_state():
     assert type(converted[2]) is torch.nn.BatchNorm2d  # plain batch norms are left to nn.SyncBatchNorm
     single = tritonbn.convert_sync_batchnorm(tritonbn.BatchNormAct3d(2, momentum=None))
     assert type(single) is tritonbn.SyncBatchNormAct and single.momentum is None
+
+
+def run_rejected_calls(rank, world_size, init_file, results_dir):
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        layer = tritonbn.SyncBatchNormAct(3, momentum=None, dtype=torch.float64)
+        x = torch.randn(2, 3, 4, dtype=torch.float64)
+        calls = {
+            "channels": lambda: layer(torch.randn(2, 4, 4, dtype=torch.float64)),
+            "dtype": lambda: layer(torch.ones(2, 3, 4, dtype=torch.long)),
+            "residual": lambda: layer(x, torch.randn(2, 3, 1, dtype=torch.float64)),
+            # One sample on rank 0, none on rank 1: one value per channel over the whole group.
+            "one value": lambda: layer(torch.randn(1 - rank, 3, dtype=torch.float64)),
+        }
+        results = {}
+        for name, call in calls.items():
+            before = {key: value.clone() for key, value in layer.state_dict().items()}
+            try:
+                call()
+                error = None
+            except Exception as caught:  # noqa: BLE001 -- the test records which error each rank raised
+                error = type(caught).__name__
+            results[name] = (error, all(torch.equal(before[k], v) for k, v in layer.state_dict().items()))
+        # The first accepted batch with momentum=None takes the group's statistics whole.
+        local = torch.randn(2 + rank, 3, 5, dtype=torch.float64) * 2 + 1
+        layer(local)
+        results["accepted"] = (local, layer.state_dict())
+        torch.save(results, os.path.join(results_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rejected_calls_change_nothing_on_any_rank():
+    with tempfile.TemporaryDirectory() as results_dir:
+        init_file = os.path.join(results_dir, "init")
+        mp.spawn(run_rejected_calls, args=(2, init_file, results_dir), nprocs=2)
+        ranks = [torch.load(os.path.join(results_dir, f"rank{r}.pt")) for r in range(2)]
+    expected_errors = {"channels": "ChannelMismatchError", "dtype": "InputDtypeError",
+                       "residual": "ChannelMismatchError", "one value": "ValueError"}
+    batch = torch.cat([results["accepted"][0] for results in ranks])
+    for results in ranks:
+        for name, error in expected_errors.items():
+            assert results[name] == (error, True), name
+        state = results["accepted"][1]
+        assert int(state["num_batches_tracked"]) == 1
+        torch.testing.assert_close(state["running_mean"], batch.mean((0, 2)))
+        torch.testing.assert_close(state["running_var"], batch.transpose(0, 1).reshape(3, -1).var(1))
+
+
+def test_without_bias():
+    sync = tritonbn.SyncBatchNormAct(4, bias=False, dtype=torch.float64, activation="silu")
+    plain = tritonbn.BatchNormAct1d(4, bias=False, dtype=torch.float64, activation="silu")
+    assert sync.bias is None and list(sync.state_dict()) == list(plain.state_dict())
+    with torch.no_grad():
+        sync.weight.uniform_(0.5, 2.0)
+        plain.weight.copy_(sync.weight)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    torch.testing.assert_close(sync(x), plain(x))
+    converted = tritonbn.convert_sync_batchnorm(plain)
+    assert type(converted) is tritonbn.SyncBatchNormAct and converted.bias is None

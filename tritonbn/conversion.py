@@ -3,8 +3,10 @@
 `fuse` traces the model with torch.fx and rewrites every ``nn.BatchNorm{1,2,3}d`` whose output feeds
 only an activation -- optionally through a residual add first, ``act(bn(x) + identity)`` -- into one
 ``BatchNormAct{1,2,3}d`` call.  The fused module is registered under the batch norm's own name and
-shares its parameters and buffers, so ``state_dict`` keys are unchanged.  Models that torch.fx cannot
-trace fall back to rewriting adjacent (batch norm, activation) pairs inside ``nn.Sequential``.
+shares its parameters and buffers.  The result keeps every submodule, parameter, buffer and plain
+attribute of the model, in order and in the same train/eval mode, so ``state_dict`` keys are unchanged
+and checkpoints load either way.  Models that torch.fx cannot trace fall back to rewriting adjacent
+(batch norm, activation) pairs inside ``nn.Sequential``.
 
 Every call returns a model carrying a `FuseReport` as ``model.tritonbn_fuse_report`` and logs it.
 """
@@ -12,6 +14,8 @@ Every call returns a model carrying a `FuseReport` as ``model.tritonbn_fuse_repo
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -20,6 +24,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.proxy import TraceError
+from torch.nn.modules.batchnorm import _BatchNorm
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +48,25 @@ class FusedLayer:
 @dataclass
 class FuseReport:
     """What `fuse` did: ``method`` is "fx" or "sequential" (the fallback for untraceable models),
-    ``fused`` lists the replaced batch norms, ``unfused`` maps every other batch norm to the reason."""
+    ``fused`` lists the replaced batch norms, ``unfused`` maps every other batch norm to the reason.
+
+    ``specialized`` maps each ``forward`` parameter that has a default value to that value: torch.fx
+    traced ``forward`` with the default, and the fused model raises a ValueError when called with
+    another value for it (rather than silently computing the default's branch)."""
 
     method: str
     fused: list[FusedLayer] = field(default_factory=list)
     unfused: dict[str, str] = field(default_factory=dict)
     trace_error: str | None = None
+    specialized: dict[str, object] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"tritonbn.fuse ({self.method}): fused {len(self.fused)}, left {len(self.unfused)} unfused"]
         if self.trace_error:
             lines.append(f"  torch.fx could not trace the model: {self.trace_error}")
+        if self.specialized:
+            fixed = ", ".join(f"{name}={value!r}" for name, value in self.specialized.items())
+            lines.append(f"  forward traced with its defaults {fixed}; other values raise a ValueError")
         for layer in self.fused:
             residual = " + residual" if layer.residual else ""
             lines.append(f"  fused   {layer.name}{residual} -> {layer.activation}")
@@ -175,14 +189,139 @@ def share_batch_norm_state(source: nn.Module, target: nn.Module) -> None:
     target.train(source.training)
 
 
-def _fused_from_batch_norm(bn: nn.Module, activation: str, negative_slope: float) -> nn.Module:
-    fused = _fused_classes()[type(bn)](
+@functools.cache
+def _takes_bias_flag(batch_norm_class: type) -> bool:
+    # torch 2.13 added the keyword-only ``bias`` to nn.BatchNorm*d and nn.SyncBatchNorm; 2.11 lacks it.
+    return "bias" in inspect.signature(batch_norm_class.__init__).parameters
+
+
+def batch_norm_like(batch_norm_class: type, bn: nn.Module, **options) -> nn.Module:
+    """A ``batch_norm_class`` with the options of batch norm ``bn`` that shares its state (see
+    `share_batch_norm_state`); ``options`` are extra constructor arguments."""
+    if _takes_bias_flag(batch_norm_class):
+        options["bias"] = bn.bias is not None
+    module = batch_norm_class(
         bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-        track_running_stats=bn.track_running_stats, activation=activation,
-        negative_slope=negative_slope, **factory_kwargs_of(bn),
+        track_running_stats=bn.track_running_stats, **options, **factory_kwargs_of(bn),
     )
-    share_batch_norm_state(bn, fused)
-    return fused
+    # Without the flag (older torch) the bias of None arrives here, with the other shared tensors.
+    share_batch_norm_state(bn, module)
+    return module
+
+
+def _fused_from_batch_norm(bn: nn.Module, activation: str, negative_slope: float) -> nn.Module:
+    return batch_norm_like(_fused_classes()[type(bn)], bn, activation=activation, negative_slope=negative_slope)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fused residual add
+# ---------------------------------------------------------------------------------------------------
+
+def _first_proxy(*values) -> fx.Proxy | None:
+    return next((value for value in values if isinstance(value, fx.Proxy)), None)
+
+
+def _kernel_adds(input: torch.Tensor, residual) -> bool:
+    """Whether the fused kernel can add ``residual`` as ``bn(input) + residual`` would: a floating tensor
+    on the input's device that broadcasts to the input's shape.  A 0-dim tensor is left out because
+    type promotion treats it as a scalar."""
+    if not (isinstance(residual, torch.Tensor) and residual.is_floating_point() and residual.dim() > 0
+            and residual.device == input.device and residual.dim() <= input.dim()):
+        return False
+    return all(size in (1, full) for size, full in zip(reversed(residual.shape), reversed(input.shape)))
+
+
+def _activate(value: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+    if activation == "identity":
+        return value
+    if activation == "leaky_relu":
+        return F.leaky_relu(value, negative_slope)
+    return _ACTIVATION_FUNCTIONS[activation](value)
+
+
+def fused_residual_act(module: nn.Module, input: torch.Tensor, residual) -> torch.Tensor:
+    """``act(bn(input) + residual)`` with the fused ``module``: what `fuse` calls for ``act(bn(x) + y)``.
+
+    The fused kernel adds a residual of the input's shape (one that broadcasts to it is expanded); any
+    other operand ``+`` accepts -- one that broadcasts the sum to a larger shape, a scalar, an integer
+    tensor -- goes through plain batch norm and torch ops, so the fused model computes what the original
+    computed for every operand.  Under torch.fx tracing (re-tracing, or unpickling a fused GraphModule)
+    it stays one call, as a leaf module would.
+    """
+    proxy = _first_proxy(input, residual)
+    if proxy is not None:
+        return proxy.tracer.create_proxy("call_function", fused_residual_act, (module, input, residual), {})
+    if _kernel_adds(input, residual):
+        return module(input, residual if residual.shape == input.shape else residual.expand_as(input))
+    plain = batch_norm_like(_fused_module_kinds()[type(module)][0], module, **_group_option(module))
+    return _activate(plain(input) + residual, module.activation, module.negative_slope)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A GraphModule that keeps the whole model
+# ---------------------------------------------------------------------------------------------------
+
+def _is_skeleton(module: nn.Module) -> bool:
+    """An empty container GraphModule creates on the path to a module its graph uses."""
+    return type(module) is nn.Module
+
+
+def _keep_everything_of(source: nn.Module, target: nn.Module) -> None:
+    """Give GraphModule ``target`` every submodule, parameter, buffer and plain attribute of ``source``
+    that its graph does not use, in ``source``'s order and train/eval modes.
+
+    GraphModule copies only what its graph references, into fresh containers; where ``target`` already
+    holds a module of its own at a path (a fused replacement) that module stays.
+    """
+    target.training = source.training
+    for slot in ("_parameters", "_buffers", "_modules"):
+        own, theirs = getattr(target, slot), getattr(source, slot)
+        merged = {name: own.get(name, value) for name, value in theirs.items()}
+        merged.update((name, value) for name, value in own.items() if name not in merged)
+        own.clear()
+        own.update(merged)
+    target._non_persistent_buffers_set |= source._non_persistent_buffers_set
+    for name, value in vars(source).items():
+        if not name.startswith("_") and name not in vars(target) and not hasattr(type(target), name):
+            target.__dict__[name] = value
+    for name, child in target._modules.items():
+        original = source._modules.get(name)
+        if child is not original and child is not None and original is not None and _is_skeleton(child):
+            _keep_everything_of(original, child)
+
+
+class _FusedGraphModule(fx.GraphModule):
+    """The GraphModule `fuse` returns: it keeps everything of the model it was traced from (see
+    `_keep_everything_of`), also through copy.deepcopy and pickling, where a GraphModule would rebuild
+    itself from its graph's references only."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, class_name: str | None = None):
+        super().__init__(root, graph, class_name or getattr(root, "_graphmodule_cls_name", "GraphModule"))
+        _keep_everything_of(root, self)
+
+    def _deepcopy_init(self):
+        # GraphModule.__deepcopy__ calls this with a module holding a deep copy of our whole state.
+        return _FusedGraphModule.__init__
+
+    def __copy__(self):
+        return _FusedGraphModule(self, self.graph)
+
+    def __reduce__(self):
+        _, arguments = super().__reduce__()
+        return _rebuild_fused_graph_module, arguments
+
+
+def _module_with_state(state: dict) -> nn.Module:
+    module = nn.Module.__new__(nn.Module)
+    module.__dict__ = state
+    return module
+
+
+def _rebuild_fused_graph_module(state: dict, import_block: str) -> _FusedGraphModule:
+    """Unpickle a `_FusedGraphModule`: torch.fx rebuilds the graph from the saved code, and the saved
+    state supplies everything else."""
+    graph = fx.graph_module.reduce_graph_module(state, import_block).graph
+    return _FusedGraphModule(_module_with_state(state), graph)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,10 +329,87 @@ def _fused_from_batch_norm(bn: nn.Module, activation: str, negative_slope: float
 # ---------------------------------------------------------------------------------------------------
 
 class _Tracer(fx.Tracer):
-    """Keeps already fused tritonbn modules as leaves instead of tracing into their kernels."""
+    """Keeps every batch norm (plain, subclassed or already fused) and every tritonbn module a leaf.
+
+    Tracing into a batch norm's forward would only inline torch's code (and fails on subclasses that
+    branch on tensor values); batch norm subclasses are then left unfused as not exactly nn.BatchNorm*d.
+    """
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return type(module).__module__.startswith("tritonbn.") or super().is_leaf_module(module, qualified_name)
+        return (isinstance(module, _BatchNorm) or type(module).__module__.startswith("tritonbn.")
+                or super().is_leaf_module(module, qualified_name))
+
+
+# Defaults torch.fx guards when it specialises on them: it asserts at run time that the value is the same.
+_GUARDED_DEFAULT_TYPES = (bool, int, float, complex, str, torch.dtype, torch.device)
+
+
+def _specialized_defaults(model: nn.Module) -> dict[str, object]:
+    """forward's parameters that have a default value, mapped to it, to trace forward with.
+
+    torch.fx would otherwise trace such a parameter as an unknown tensor: ``extra is None`` becomes
+    False and ``isinstance(scale, float)`` False, silently fixing one branch for every call.  Traced
+    with the default, the branch is the default's and a guard rejects any other value.  Raises
+    TraceError (so `fuse` falls back) where that is impossible: ``*args``, ``**kwargs`` or a default
+    torch.fx cannot guard (a tensor, a tuple, ...).
+    """
+    specialized = {}
+    parameters = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]
+    for parameter in parameters:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise TraceError(f"forward takes {parameter}, whose contents torch.fx cannot see")
+        if parameter.default is parameter.empty:
+            continue
+        if parameter.default is not None and type(parameter.default) not in _GUARDED_DEFAULT_TYPES:
+            raise TraceError(f"forward's default {parameter} cannot be guarded by torch.fx")
+        specialized[parameter.name] = parameter.default
+    return specialized
+
+
+@fx.node.has_side_effect  # a graph pass must not drop it as dead code
+def check_traced_default(value, default, name: str) -> None:
+    """Raise unless ``value`` is ``default``, the value of ``forward``'s parameter ``name`` that `fuse`
+    traced the model with; the fused graph computes that value's branch only."""
+    proxy = _first_proxy(value)
+    if proxy is not None:
+        proxy.tracer.create_proxy("call_function", check_traced_default, (value, default, name), {})
+        return
+    if value is default or (type(value) is type(default) and value == default):
+        return
+    given = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+    raise ValueError(f"tritonbn.fuse traced forward with {name}={default!r} and the fused model computes only "
+                     f"that case; got {name}={given}. Call the original model for other values.")
+
+
+def _trace(model: nn.Module, specialized: dict[str, object]) -> fx.Graph:
+    graph = _Tracer().trace(model, concrete_args=specialized or None)
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for node in graph.find_nodes(op="placeholder"):
+        name = node.target.rpartition("_")[0]
+        if name in specialized and node.target == f"{name}_1":
+            _guard_placeholder(graph, node, name, specialized[name], order)
+    return graph
+
+
+def _guard_placeholder(graph: fx.Graph, placeholder: fx.Node, name: str, default, order) -> None:
+    """Put `check_traced_default` in place of the checks torch.fx added for a specialised parameter.
+
+    torch.fx's own None check does not survive pickling (the unpickled code registers it under a name
+    that breaks every later torch.fx trace in the process); forward never read the placeholder itself,
+    so everything that uses it is one of those checks.
+    """
+    checks, pending = set(), list(placeholder.users)
+    while pending:
+        node = pending.pop()
+        if node not in checks:
+            checks.add(node)
+            pending.extend(node.users)
+    for node in sorted(checks, key=order.__getitem__, reverse=True):
+        graph.erase_node(node)
+    # Keep forward's own argument names, so that keyword calls still work; torch.fx named it "<name>_1".
+    placeholder.target = name
+    with graph.inserting_after(placeholder):
+        graph.call_function(check_traced_default, (placeholder, default, name))
 
 
 def _match_pattern(bn_node: fx.Node, modules) -> tuple[list[fx.Node], fx.Node | None, tuple[str, float]] | str:
@@ -207,6 +423,8 @@ def _match_pattern(bn_node: fx.Node, modules) -> tuple[list[fx.Node], fx.Node | 
     activation = _node_activation(follower, modules)
     if activation is not None and follower.args[0] is bn_node:
         return [bn_node, follower], None, activation
+    if follower.op == "call_function" and follower.target is fused_residual_act:
+        return "output is the residual that another fused batch norm adds"
     residual = _residual_of_add(follower, bn_node)
     if residual is None:
         return f"output feeds {follower.format_node()}, not a supported activation or residual add"
@@ -219,9 +437,10 @@ def _match_pattern(bn_node: fx.Node, modules) -> tuple[list[fx.Node], fx.Node | 
     return [bn_node, follower], residual, ("identity", _DEFAULT_SLOPE)
 
 
-def _fuse_graph(module: nn.Module, report: FuseReport, bn_names: list[str]) -> fx.GraphModule:
-    graph = _Tracer().trace(module)
-    traced = fx.GraphModule(module, graph, module.__class__.__name__)
+def _fuse_graph(model: nn.Module, report: FuseReport, bn_names: list[str]) -> fx.GraphModule:
+    specialized = _specialized_defaults(model)
+    traced = _FusedGraphModule(model, _trace(model, specialized), type(model).__name__)
+    report.specialized = specialized
     modules = dict(traced.named_modules())
     calls: dict[str, list[fx.Node]] = {}
     for node in traced.graph.nodes:
@@ -240,19 +459,22 @@ def _fuse_graph(module: nn.Module, report: FuseReport, bn_names: list[str]) -> f
         _replace_nodes(traced, replaced, residual, _fused_from_batch_norm(modules[name], activation, slope))
         report.fused.append(FusedLayer(name, activation, slope, residual is not None))
     traced.graph.lint()
-    traced.delete_all_unused_submodules()
     traced.recompile()
     return traced
 
 
 def _replace_nodes(traced: fx.GraphModule, replaced: list[fx.Node], residual, fused: nn.Module) -> None:
     bn_node, last = replaced[0], replaced[-1]
-    args = (bn_node.args[0],) if residual is None else (bn_node.args[0], residual)
-    with traced.graph.inserting_before(last):
-        fused_node = traced.graph.call_module(bn_node.target, args)
+    graph = traced.graph
+    with graph.inserting_before(last):
+        if residual is None:
+            fused_node = graph.call_module(bn_node.target, (bn_node.args[0],))
+        else:
+            module = graph.get_attr(bn_node.target)
+            fused_node = graph.call_function(fused_residual_act, (module, bn_node.args[0], residual))
     last.replace_all_uses_with(fused_node)
     for node in reversed(replaced):
-        traced.graph.erase_node(node)
+        graph.erase_node(node)
     traced.add_submodule(bn_node.target, fused)
 
 
@@ -270,8 +492,9 @@ def _fuse_sequential_pairs(model: nn.Module, report: FuseReport, bn_names: list[
             if type(bn) not in _PLAIN_BATCH_NORMS or activation is None or uses[id(bn)] != 1:
                 continue
             container._modules[key] = _fused_from_batch_norm(bn, *activation)
-            # The activation is now applied by the fused module; keep the slot so indices stay put.
-            container._modules[next_key] = nn.Identity()
+            # The activation is now applied by the fused module; keep the slot so indices stay put.  `unfuse`
+            # puts the activation back into it.
+            container._modules[next_key] = nn.Identity().train(follower.training)
             report.fused.append(FusedLayer(f"{prefix}.{key}" if prefix else key, *activation, False))
     fused_names = {layer.name for layer in report.fused}
     for name in bn_names:
@@ -279,21 +502,43 @@ def _fuse_sequential_pairs(model: nn.Module, report: FuseReport, bn_names: list[
             report.unfused[name] = "not followed by an activation inside an nn.Sequential"
 
 
+def _other_batch_norms(model: nn.Module) -> dict[str, str]:
+    """Batch norms `fuse` leaves as they are whatever follows them, with the reason: subclasses of
+    nn.BatchNorm*d (their forward may compute something else), nn.SyncBatchNorm, other _BatchNorm kinds."""
+    fused_kinds = _fused_module_kinds()
+    return {
+        name: f"a {type(module).__name__}, not exactly nn.BatchNorm1d/2d/3d"
+        for name, module in model.named_modules()
+        if isinstance(module, _BatchNorm) and type(module) not in _PLAIN_BATCH_NORMS and type(module) not in fused_kinds
+    }
+
+
 def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replace batch norm + activation (+ residual add) patterns of ``model`` by fused tritonbn modules.
 
-    Returns a ``torch.fx.GraphModule`` when torch.fx can trace ``model`` (only ``forward`` survives
-    tracing), otherwise ``model``'s structure with (batch norm, activation) pairs inside nn.Sequential
-    fused.  The returned model's ``tritonbn_fuse_report`` attribute is a `FuseReport` listing what was
-    fused and why every other batch norm was not; batch norms left unfused are the same objects.
+    Returns a ``torch.fx.GraphModule`` when torch.fx can trace ``model``, otherwise ``model``'s structure
+    with (batch norm, activation) pairs inside nn.Sequential fused.  The returned model's
+    ``tritonbn_fuse_report`` attribute is a `FuseReport` listing what was fused and why every other
+    batch norm was not; batch norms left unfused are the same objects.
+
+    The GraphModule runs the traced ``forward``.  It holds every submodule, parameter, buffer and plain
+    instance attribute of ``model`` -- those ``forward`` does not use too -- under the same names, in
+    the same order and train/eval modes, also after copy.deepcopy and pickling: ``state_dict`` keys are
+    ``model``'s.  Containers whose code the trace inlined become plain ``nn.Module`` holders, and the
+    methods of ``model``'s class other than ``forward`` are not carried over: they would call
+    submodules whose batch norms now apply the activation themselves.
+
+    Parameters of ``forward`` with a default value are traced with that default, and the GraphModule
+    raises a ValueError when given another value (see `FuseReport.specialized`); a ``forward``
+    taking ``*args``/``**kwargs`` or a default torch.fx cannot guard takes the nn.Sequential fallback.
 
     ``inplace=False`` works on a deep copy and leaves ``model`` untouched; ``inplace=True`` skips the
-    copy: the result shares parameters and buffers with ``model`` (so an optimizer built on ``model``
-    keeps working), and the sequential fallback rewrites ``model`` itself.
+    copy: the result shares parameters, buffers and modules with ``model`` (so an optimizer built on
+    ``model`` keeps working), and the sequential fallback rewrites ``model`` itself.
 
     A residual add is fused when its other operand is a tensor computed in ``forward`` (not a parameter
-    or a constant); it must have the batch norm's shape at run time, as the fused kernel adds it
-    element-wise.
+    or a constant).  The kernel adds it when it has the batch norm input's shape (or broadcasts to it);
+    other operands take plain batch norm and torch ops at run time (see `fused_residual_act`).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -305,6 +550,7 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         report = FuseReport("sequential", trace_error=f"{type(error).__name__}: {error}")
         _fuse_sequential_pairs(model, report, bn_names)
         result = model
+    report.unfused.update(_other_batch_norms(model))
     setattr(result, REPORT_ATTRIBUTE, report)
     logger.info("%s", report.summary())
     return result
@@ -369,14 +615,12 @@ def _fused_module_kinds() -> dict[type, tuple[type, type]]:
     }
 
 
+def _group_option(fused: nn.Module) -> dict:
+    return {"process_group": fused.process_group} if hasattr(fused, "process_group") else {}
+
+
 def _plain_from_fused(fused: nn.Module, plain_class: type) -> nn.Module:
-    options = {"process_group": fused.process_group} if issubclass(plain_class, nn.SyncBatchNorm) else {}
-    plain = plain_class(
-        fused.num_features, eps=fused.eps, momentum=fused.momentum, affine=fused.affine,
-        track_running_stats=fused.track_running_stats, **options, **factory_kwargs_of(fused),
-    )
-    share_batch_norm_state(fused, plain)
-    return plain
+    return batch_norm_like(plain_class, fused, **_group_option(fused))
 
 
 def _activation_call(graph: fx.Graph, value: fx.Node, activation: str, negative_slope: float) -> fx.Node:
@@ -387,40 +631,69 @@ def _activation_call(graph: fx.Graph, value: fx.Node, activation: str, negative_
     return graph.call_function(_ACTIVATION_FUNCTIONS[activation], (value,))
 
 
-def _unfuse_graph(traced: fx.GraphModule, kinds) -> None:
-    plain_modules: dict[str, nn.Module] = {}
-    for node in list(traced.graph.nodes):
-        if node.op != "call_module" or type(traced.get_submodule(node.target)) not in kinds:
-            continue
-        fused = traced.get_submodule(node.target)
-        if node.target not in plain_modules:
-            plain_modules[node.target] = _plain_from_fused(fused, kinds[type(fused)][0])
+def _fused_call(traced: fx.GraphModule, node: fx.Node, kinds) -> tuple[str, fx.Node, object] | None:
+    """(module path, input, residual or None) of a node calling a fused module, else None."""
+    if node.op == "call_module" and type(traced.get_submodule(node.target)) in kinds:
         residual = node.args[1] if len(node.args) > 1 else node.kwargs.get("residual")
-        node.args, node.kwargs = node.args[:1], {}
-        with traced.graph.inserting_after(node):
-            out = node if residual is None else traced.graph.call_function(operator.add, (node, residual))
-        with traced.graph.inserting_after(out):
-            out_act = _activation_call(traced.graph, out, fused.activation, fused.negative_slope)
-        first_new = out if out is not node else out_act
-        node.replace_all_uses_with(out_act, delete_user_cb=lambda user, first=first_new: user is not first)
+        return node.target, node.args[0] if node.args else node.kwargs["input"], residual
+    if node.op == "call_function" and node.target is fused_residual_act:
+        module, input, residual = node.args
+        return module.target, input, residual
+    return None
+
+
+def _unfuse_graph(traced: fx.GraphModule, kinds) -> None:
+    graph = traced.graph
+    plain_modules: dict[str, nn.Module] = {}
+    for node in list(graph.nodes):
+        call = _fused_call(traced, node, kinds)
+        if call is None:
+            continue
+        target, input, residual = call
+        fused = traced.get_submodule(target)
+        if target not in plain_modules:
+            plain_modules[target] = _plain_from_fused(fused, kinds[type(fused)][0])
+        with graph.inserting_before(node):
+            out = graph.call_module(target, (input,))
+            if residual is not None:
+                out = graph.call_function(operator.add, (out, residual))
+            out = _activation_call(graph, out, fused.activation, fused.negative_slope)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    for node in graph.find_nodes(op="get_attr"):
+        if node.target in plain_modules and not node.users:
+            graph.erase_node(node)
     for target, plain in plain_modules.items():
         traced.add_submodule(target, plain)
-    traced.graph.lint()
+    graph.lint()
     traced.recompile()
 
 
 def _unfuse_modules(model: nn.Module, kinds) -> nn.Module:
-    def replacement(fused: nn.Module) -> nn.Module:
+    """Replace fused modules outside a graph: inside an nn.Sequential, a fused module followed by an
+    nn.Identity (the slot the sequential fallback of `fuse` emptied) becomes the plain batch norm and
+    the activation goes into that slot; anywhere else it becomes a ``BatchNormThenAct*d``."""
+    def then_activation(fused: nn.Module) -> nn.Module:
         plain = _plain_from_fused(fused, kinds[type(fused)][1])
-        plain.act = activation_module(fused.activation, fused.negative_slope)
+        plain.act = activation_module(fused.activation, fused.negative_slope).train(fused.training)
         return plain
 
     if type(model) in kinds:
-        return replacement(model)
-    for parent in model.modules():
-        for key, child in parent._modules.items():
-            if type(child) in kinds:
-                parent._modules[key] = replacement(child)
+        return then_activation(model)
+    for parent in list(model.modules()):
+        keys = list(parent._modules)
+        for index, key in enumerate(keys):
+            fused = parent._modules[key]
+            if type(fused) not in kinds:
+                continue
+            slot = keys[index + 1] if isinstance(parent, nn.Sequential) and index + 1 < len(keys) else None
+            placeholder = parent._modules[slot] if slot is not None else None
+            if type(placeholder) is nn.Identity:
+                parent._modules[key] = _plain_from_fused(fused, kinds[type(fused)][0])
+                act = activation_module(fused.activation, fused.negative_slope)
+                parent._modules[slot] = act.train(placeholder.training)
+            else:
+                parent._modules[key] = then_activation(fused)
     return model
 
 
@@ -429,13 +702,22 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     In a GraphModule (what `fuse` returns) each fused call becomes ``nn.BatchNorm*d`` (or
     ``nn.SyncBatchNorm``) followed by ``operator.add`` for the residual and the torch.nn.functional
-    activation, so the result depends on PyTorch only.  Fused modules elsewhere become
-    ``BatchNormThenAct*d``: a subclass of the plain batch norm that applies the add and activation
-    with torch ops.  Both keep the state_dict keys, so checkpoints load into the original model.
+    activation, and the result is a plain ``torch.fx.GraphModule`` holding every module, parameter,
+    buffer and attribute of ``model`` (pickling or deep-copying it then follows torch.fx, which keeps
+    only what the graph uses).  In an nn.Sequential a fused module followed by the nn.Identity that
+    `fuse`'s fallback left becomes the batch norm and the activation module again.  Fused modules
+    elsewhere become ``BatchNormThenAct*d``: a subclass of the plain batch norm that applies the add
+    and activation with torch ops.  State_dict keys do not change, so checkpoints load into the
+    original model.
     """
     if not inplace:
         model = copy.deepcopy(model)
     kinds = _fused_module_kinds()
     if isinstance(model, fx.GraphModule):
         _unfuse_graph(model, kinds)
+        plain = fx.GraphModule(model, model.graph, type(model).__name__)
+        _keep_everything_of(model, plain)
+        model = plain
+    # The report describes the fused model, and pickling it would need tritonbn.
+    model.__dict__.pop(REPORT_ATTRIBUTE, None)
     return _unfuse_modules(model, kinds)

@@ -15,6 +15,7 @@ from torch import nn
 from .functional import _uses_kernels
 from .modules import _BatchNormAct
 from .reference import activate
+from .validation import check_batch_norm_args
 
 # ---------------------------------------------------------------------------------------------------
 # Per-rank primitives: the Triton kernels, or the same computations in PyTorch where they cannot run
@@ -188,9 +189,10 @@ class SyncBatchNormAct(_BatchNormAct):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None, *, activation="relu", negative_slope=0.01):
+                 process_group=None, device=None, dtype=None, *, bias=True, activation="relu",
+                 negative_slope=0.01):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
-                         activation=activation, negative_slope=negative_slope)
+                         bias=bias, activation=activation, negative_slope=negative_slope)
         self.process_group = process_group
 
     def _check_input_dim(self, input):
@@ -206,19 +208,24 @@ class SyncBatchNormAct(_BatchNormAct):
         if not (self.training and self._group_size() > 1):
             return super().forward(input, residual)
         self._check_input_dim(input)
-        if residual is not None and residual.shape != input.shape:
-            raise ValueError(f"residual has shape {tuple(residual.shape)} but the input has {tuple(input.shape)}")
-        average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                average_factor = 1.0 / float(self.num_batches_tracked)
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
-        return _SyncBatchNormActFunction.apply(
+        # Whether there is more than one value per channel depends on the whole group's count, which the
+        # Function checks after gathering it: every rank knows it, so every rank raises alike.
+        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, residual, training=True,
+                              check_batch_size=False)
+        counts_batches = self.track_running_stats and self.num_batches_tracked is not None
+        average_factor = 0.0 if self.momentum is None else self.momentum
+        if counts_batches and self.momentum is None:  # cumulative moving average over the batches so far
+            average_factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        out = _SyncBatchNormActFunction.apply(
             input, self.weight, self.bias, residual, running_mean, running_var, self.eps, average_factor,
             self.activation, self.negative_slope, self.process_group or dist.group.WORLD,
         )
+        # Counted only now that the group's batch passed the checks: a rejected call changes no state.
+        if counts_batches:
+            self.num_batches_tracked.add_(1)
+        return out
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
@@ -241,13 +248,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 
 
 def _sync_from(fused: nn.Module, process_group) -> SyncBatchNormAct:
-    from tritonbn.conversion import factory_kwargs_of, share_batch_norm_state
+    from tritonbn.conversion import batch_norm_like
 
-    sync = SyncBatchNormAct(
-        fused.num_features, fused.eps, fused.momentum, fused.affine, fused.track_running_stats, process_group,
-        activation=fused.activation, negative_slope=fused.negative_slope, **factory_kwargs_of(fused),
-    )
-    share_batch_norm_state(fused, sync)
+    sync = batch_norm_like(SyncBatchNormAct, fused, process_group=process_group, activation=fused.activation,
+                           negative_slope=fused.negative_slope)
     if hasattr(fused, "qconfig"):
         sync.qconfig = fused.qconfig
     return sync
