@@ -6,6 +6,7 @@ status 2, never a traceback.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -117,10 +118,11 @@ def _add_step(sub):
     from .step import BACKENDS
 
     p = sub.add_parser("step", help="share of a training step that BN+activation costs, per backend")
-    p.add_argument("--batch", type=_positive, default=64)
-    p.add_argument("--width", type=_positive, default=128, help="channels of every conv and BN")
-    p.add_argument("--size", type=_positive, default=56, help="height and width of the feature maps")
-    p.add_argument("--blocks", type=_positive, default=4, help="residual blocks (two BN layers each)")
+    # Shape defaults: a realistic network on CUDA, a toy one on a CPU (see step.CPU_STEP_CONFIG).
+    p.add_argument("--batch", type=_positive, help="default: 64 on CUDA, 2 on a CPU")
+    p.add_argument("--width", type=_positive, help="channels of every conv and BN (default: 128 on CUDA, 8 on a CPU)")
+    p.add_argument("--size", type=_positive, help="height and width of the feature maps (default: 56 / 8)")
+    p.add_argument("--blocks", type=_positive, help="residual blocks, two BN layers each (default: 4 / 1)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="bf16/fp16 run under autocast, BN parameters in fp32")
     p.add_argument("--layout", choices=LAYOUTS, default="nchw")
@@ -209,7 +211,10 @@ def _step(parser, args):
     from . import step
 
     device = _device(parser, args.device)
-    cfg = step.StepConfig(args.batch, args.width, args.size, args.blocks, args.dtype, args.layout)
+    defaults = step.StepConfig() if device.type == "cuda" else step.CPU_STEP_CONFIG
+    chosen = {name: getattr(args, name) for name in ("batch", "width", "size", "blocks")}
+    cfg = dataclasses.replace(defaults, dtype=args.dtype, layout=args.layout,
+                              **{name: value for name, value in chosen.items() if value is not None})
     rows = step.run(cfg, args.backend, device)
     print(step.format_table(rows))
     if args.out:

@@ -77,6 +77,11 @@ class StepConfig:
     layout: str = "nchw"
 
 
+# The interpreter runs kernels one program at a time, so a realistic network would take hours on a CPU:
+# there the step defaults to a toy network, whose timings only show that the benchmark works.
+CPU_STEP_CONFIG = StepConfig(batch=2, width=8, size=8, blocks=1)
+
+
 def _autocast_dtype(name: str):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
