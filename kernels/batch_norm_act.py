@@ -40,6 +40,13 @@ def _tile_offsets(rows, cols, S, stride_n, stride_c, stride_s):
 
 
 @triton.jit
+def _channel_block(C, BLOCK_C: tl.constexpr):
+    """This program's channels (axis 0 of the grid) and which of them exist."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return cols, cols < C
+
+
+@triton.jit
 def _split_rows(rows_per_split, R, ROWS_I64: tl.constexpr):
     """First and end row of this program's split; int64 only when rows pass int32's range (rare, and
     int64 index arithmetic is slower)."""
@@ -72,9 +79,7 @@ def _moments_partial_kernel(
     ROWS_I64: tl.constexpr,  # row indices need int64
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
-    pid_c = tl.program_id(0)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
+    cols, col_mask = _channel_block(C, BLOCK_C)
     row_start, row_end = _split_rows(rows_per_split, R, ROWS_I64)
 
     count = tl.zeros([BLOCK_C], dtype=COMPUTE)
@@ -122,8 +127,7 @@ def _moments_finalize_kernel(
     BLOCK_C: tl.constexpr,  # channels per program
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
+    cols, col_mask = _channel_block(C, BLOCK_C)
     count = tl.zeros([BLOCK_C], dtype=COMPUTE)
     mean = tl.zeros([BLOCK_C], dtype=COMPUTE)
     m2 = tl.zeros([BLOCK_C], dtype=COMPUTE)
@@ -157,9 +161,9 @@ def _moments_finalize_kernel(
 
 
 @triton.jit
-def _load_channel_params(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, cols, col_mask,
+def _load_channel_params(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, slope_hi, slope_lo, cols, col_mask,
                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
-    """Per-channel mean, rstd, scale = weight * rstd and bias of a tile's channels."""
+    """Per-channel mean, rstd, scale = weight * rstd and bias of a tile's channels, and the negative slope."""
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
     rstd = tl.load(rstd_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
     scale = rstd
@@ -168,7 +172,7 @@ def _load_channel_params(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, cols, col_mas
     bias = tl.zeros_like(mean)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
-    return mean, rstd, scale, bias
+    return mean, rstd, scale, bias, _scalar(slope_hi, slope_lo, mean)
 
 
 @triton.jit
@@ -192,12 +196,10 @@ def _forward_kernel(
     ROWS_I64: tl.constexpr,  # row indices need int64
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
-    pid_c = tl.program_id(0)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    mean, rstd, scale, bias = _load_channel_params(
-        mean_ptr, rstd_ptr, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
-    negative_slope = _scalar(slope_hi, slope_lo, mean)
+    cols, col_mask = _channel_block(C, BLOCK_C)
+    mean, rstd, scale, bias, negative_slope = _load_channel_params(
+        mean_ptr, rstd_ptr, weight_ptr, bias_ptr, slope_hi, slope_lo, cols, col_mask, HAS_WEIGHT, HAS_BIAS,
+        COMPUTE)
     row_start, row_end = _split_rows(rows_per_split, R, ROWS_I64)
     for start in range(row_start, row_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
@@ -255,12 +257,10 @@ def _backward_reduce_kernel(
     ROWS_I64: tl.constexpr,  # row indices need int64
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
-    pid_c = tl.program_id(0)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    mean, rstd, scale, bias = _load_channel_params(
-        mean_ptr, rstd_ptr, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
-    negative_slope = _scalar(slope_hi, slope_lo, mean)
+    cols, col_mask = _channel_block(C, BLOCK_C)
+    mean, rstd, scale, bias, negative_slope = _load_channel_params(
+        mean_ptr, rstd_ptr, weight_ptr, bias_ptr, slope_hi, slope_lo, cols, col_mask, HAS_WEIGHT, HAS_BIAS,
+        COMPUTE)
     sum_dz = tl.zeros([BLOCK_C], dtype=COMPUTE)
     sum_dz_xhat = tl.zeros([BLOCK_C], dtype=COMPUTE)
     row_start, row_end = _split_rows(rows_per_split, R, ROWS_I64)
@@ -292,8 +292,7 @@ def _sum_partials_kernel(
     BLOCK_C: tl.constexpr,  # channels per program
     COMPUTE: tl.constexpr,  # accumulation dtype
 ):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
+    cols, col_mask = _channel_block(C, BLOCK_C)
     sum_a = tl.zeros([BLOCK_C], dtype=COMPUTE)
     sum_b = tl.zeros([BLOCK_C], dtype=COMPUTE)
     for split in range(0, num_splits):
@@ -330,12 +329,10 @@ def _backward_input_kernel(
     ROWS_I64: tl.constexpr,  # row indices need int64
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
-    pid_c = tl.program_id(0)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    mean, rstd, scale, bias = _load_channel_params(
-        mean_ptr, rstd_ptr, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
-    negative_slope = _scalar(slope_hi, slope_lo, mean)
+    cols, col_mask = _channel_block(C, BLOCK_C)
+    mean, rstd, scale, bias, negative_slope = _load_channel_params(
+        mean_ptr, rstd_ptr, weight_ptr, bias_ptr, slope_hi, slope_lo, cols, col_mask, HAS_WEIGHT, HAS_BIAS,
+        COMPUTE)
     mean_dz = tl.zeros_like(mean)
     mean_dz_xhat = tl.zeros_like(mean)
     if TRAINING:
