@@ -18,6 +18,7 @@ then reads dz instead of dy and the residual: 5 + 1 read + 1 write.
 
 import functools
 import math
+import struct
 
 import torch
 import triton
@@ -391,6 +392,15 @@ def _target_programs(device: torch.device) -> int:
     return _CPU_PROGRAMS
 
 
+# Plain-int versions of triton.cdiv / next_power_of_2, which cost microseconds a call on the host.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 class _Plan:
     """Tile shape and the split of the N*S rows across programs, shared by every kernel of a call."""
 
@@ -400,18 +410,18 @@ class _Plan:
         tile = _TILE_ELEMENTS[kind]
         if channels_contiguous and C > 1:
             # channels_last / (N, C): a tile spans neighbouring channels, which are adjacent in memory.
-            self.block_c = min(triton.next_power_of_2(C), _MAX_CHANNEL_BLOCK[kind])
+            self.block_c = min(_next_power_of_2(C), _MAX_CHANNEL_BLOCK[kind])
         else:
             self.block_c = 1
-        self.block_r = max(1, min(tile // self.block_c, triton.next_power_of_2(R)))
-        channel_blocks = triton.cdiv(C, self.block_c)
-        splits = max(1, min(triton.cdiv(R, self.block_r), _target_programs(device) // channel_blocks))
-        self.rows_per_split = triton.cdiv(triton.cdiv(R, splits), self.block_r) * self.block_r
-        self.num_splits = triton.cdiv(R, self.rows_per_split)
+        self.block_r = max(1, min(tile // self.block_c, _next_power_of_2(R)))
+        channel_blocks = _cdiv(C, self.block_c)
+        splits = max(1, min(_cdiv(R, self.block_r), _target_programs(device) // channel_blocks))
+        self.rows_per_split = _cdiv(_cdiv(R, splits), self.block_r) * self.block_r
+        self.num_splits = _cdiv(R, self.rows_per_split)
         # The last split's end row and tile must stay inside int32, or the kernels index in int64.
         self.rows_i64 = self.num_splits * self.rows_per_split + self.block_r >= 2**31
         self.grid = (channel_blocks, self.num_splits)
-        self.reduce_grid = (triton.cdiv(C, self.block_c),)
+        self.reduce_grid = (channel_blocks,)
         self.num_warps = 4 if self.block_r * self.block_c <= 2048 else 8
 
 
@@ -447,10 +457,11 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=64)
 def _split_float(value: float) -> tuple[float, float]:
     """A float as a float32 head plus the rest: Triton passes Python floats as float32, so float64
     kernels rebuild the value from both (to about 48 bits)."""
-    head = float(torch.tensor(value, dtype=torch.float32))
+    head = struct.unpack("f", struct.pack("f", value))[0]
     return head, value - head
 
 
@@ -462,7 +473,13 @@ def _dims(x: torch.Tensor) -> tuple[int, int, int]:
 
 def _plan_for(x: torch.Tensor, x_strides) -> _Plan:
     R, C, _ = _dims(x)
-    return _Plan(R, C, x_strides[1] == 1, x.device)
+    return _cached_plan(R, C, x_strides[1] == 1, x.device)
+
+
+# Training steps repeat the same shapes: planning once per shape keeps the host's per-call work small.
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(R: int, C: int, channels_contiguous: bool, device: torch.device) -> _Plan:
+    return _Plan(R, C, channels_contiguous, device)
 
 
 def _activation_id(activation: str) -> int:
@@ -589,8 +606,10 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope,
     dy, dy_strides, x, x_strides, residual, r_strides = _grad_operands(dy, x, residual, activation)
     plan = _plan_for(x, x_strides)
     R, C, S = _dims(x)
-    part_dz = torch.zeros((plan.num_splits, C), dtype=_stats_dtype(x), device=x.device)
-    part_dz_xhat = torch.zeros_like(part_dz)
+    # Every (split, channel) partial is written when there are rows; an empty batch sums to zero.
+    new_partials = torch.empty if R > 0 else torch.zeros
+    part_dz = new_partials((plan.num_splits, C), dtype=_stats_dtype(x), device=x.device)
+    part_dz_xhat = torch.empty_like(part_dz) if R > 0 else torch.zeros_like(part_dz)
     dz_out = torch.empty_like(x, dtype=dy.dtype) if return_dz else None
     dz_strides = _ncs_strides(dz_out) if return_dz else (0, 0, 0)
     if R > 0:

@@ -175,12 +175,12 @@ def test_int64_row_indices_give_the_same_results(device, monkeypatch):
         return (out, *torch.autograd.grad(out, (x, weight, residual), torch.ones_like(out)))
 
     expected = run()
-    original_init = launchers._Plan.__init__
 
-    def plan_with_int64_rows(self, *args):
-        original_init(self, *args)
-        self.rows_i64 = True
+    def plan_with_int64_rows(*args):
+        plan = launchers._Plan(*args)
+        plan.rows_i64 = True
+        return plan
 
-    monkeypatch.setattr(launchers._Plan, "__init__", plan_with_int64_rows)
+    monkeypatch.setattr(launchers, "_cached_plan", plan_with_int64_rows)
     for got, want in zip(run(), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -12,13 +12,11 @@ op runs.
 import torch
 from torch import Tensor
 
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .reference import compute_dtype, output_dtype, update_running_stats
 
 
 def _channel_stats_like(x: Tensor) -> Tensor:
-    return x.new_empty(x.shape[1], dtype=_stats_dtype(x))
+    return x.new_empty(x.shape[1], dtype=compute_dtype(x))
 
 
 @torch.library.custom_op("tritonbn::batch_stats", mutates_args=("running_mean", "running_var"))
@@ -33,9 +31,7 @@ def batch_stats(input: Tensor, running_mean: Tensor | None, running_var: Tensor 
 
     mean, m2 = kernels.channel_moments(input)
     count = input.numel() // input.shape[1]
-    if running_mean is not None and count > 0:  # an empty batch leaves them alone, as in PyTorch
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_((m2 / (count - 1)).to(running_var.dtype), momentum)
+    update_running_stats(running_mean, running_var, mean, m2, count, momentum)
     return mean, torch.rsqrt(m2 / max(count, 1) + eps)
 
 
@@ -56,8 +52,6 @@ def normalize_act(input: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | No
 
 @normalize_act.register_fake
 def _(input, mean, rstd, weight, bias, residual, activation, negative_slope, training):
-    from .kernels.batch_norm_act import output_dtype
-
     return torch.empty_like(input, dtype=output_dtype(input, residual))
 
 
@@ -111,6 +105,6 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
     if training:
         mean, rstd = batch_stats(input.detach(), running_mean, running_var, momentum, eps)
     else:
-        mean = running_mean.to(_stats_dtype(input))
-        rstd = torch.rsqrt(running_var.to(_stats_dtype(input)) + eps)
+        mean = running_mean.to(compute_dtype(input))
+        rstd = torch.rsqrt(running_var.to(compute_dtype(input)) + eps)
     return normalize_act(input, mean, rstd, weight, bias, residual, activation, negative_slope, training)

@@ -35,6 +35,16 @@ def compute_dtype(input: torch.Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
+def update_running_stats(running_mean, running_var, mean, m2, count, momentum):
+    """Move the running statistics towards the batch's (unbiased variance m2 / (count - 1)) by ``momentum``,
+    as PyTorch does; nothing to do without running statistics or for an empty batch."""
+    if running_mean is None or count == 0:
+        return
+    with torch.no_grad():
+        running_mean.lerp_(mean.detach().to(running_mean.dtype), float(momentum))
+        running_var.lerp_((m2.detach() / (count - 1)).to(running_var.dtype), float(momentum))
+
+
 def batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
                    activation, negative_slope, residual):
     dtype = compute_dtype(input)
@@ -42,11 +52,7 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
     if training:
         var, mean = torch.var_mean(input.to(dtype), dim=[0] + list(range(2, input.dim())), correction=0)
         count = input.numel() // max(input.shape[1], 1)
-        if running_mean is not None and count > 0:
-            with torch.no_grad():
-                unbiased_var = var * (count / (count - 1))
-                running_mean.lerp_(mean.detach().to(running_mean.dtype), float(momentum))
-                running_var.lerp_(unbiased_var.detach().to(running_var.dtype), float(momentum))
+        update_running_stats(running_mean, running_var, mean, var * count, count, momentum)
     else:
         mean, var = running_mean.to(dtype), running_var.to(dtype)
     return normalize_act(input, mean, torch.rsqrt(var + eps), weight, bias, activation, negative_slope, residual)
@@ -65,6 +71,10 @@ def normalize_act(input, mean, rstd, weight, bias, activation, negative_slope, r
         z = z + _channel_view(bias, x.dim(), dtype)
     if residual is not None:
         z = z + residual.to(dtype)
-    # Step 4: the non-linearity; the dtype is what bn(input) + residual would have.
-    output_dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
-    return activate(z, activation, negative_slope).to(output_dtype)
+    # Step 4: the non-linearity.
+    return activate(z, activation, negative_slope).to(output_dtype(input, residual))
+
+
+def output_dtype(input: torch.Tensor, residual) -> torch.dtype:
+    """The dtype of act(bn(input) + residual): the input's, promoted with the residual's as an add does."""
+    return input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)

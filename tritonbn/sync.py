@@ -12,18 +12,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import reference
 from .functional import _uses_kernels
 from .modules import _BatchNormAct
-from .reference import activate
+from .reference import activate, compute_dtype, update_running_stats
 from .validation import check_batch_norm_args
 
 # ---------------------------------------------------------------------------------------------------
 # Per-rank primitives: the Triton kernels, or the same computations in PyTorch where they cannot run
 # ---------------------------------------------------------------------------------------------------
-
-
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
@@ -39,7 +36,7 @@ class _TorchPrimitives:
 
     @staticmethod
     def channel_moments(x):
-        xs = x.to(_stat_dtype(x))
+        xs = x.to(compute_dtype(x))
         mean = xs.mean(_reduce_dims(x))
         return mean, (xs - _per_channel(mean, x)).square().sum(_reduce_dims(x))
 
@@ -55,10 +52,7 @@ class _TorchPrimitives:
             z = z + residual.to(mean.dtype)
         return xhat, z
 
-    @staticmethod
-    def normalize_act(x, mean, rstd, weight, bias, activation, negative_slope, residual):
-        _, z = _TorchPrimitives._pre_activation(x, mean, rstd, weight, bias, residual)
-        return activate(z, activation, negative_slope).to(x.dtype)
+    normalize_act = staticmethod(reference.normalize_act)
 
     @staticmethod
     def _dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual):
@@ -110,7 +104,7 @@ def _gather_moments(x: torch.Tensor, primitives, process_group) -> tuple[int, to
     if local_count > 0:
         mean, m2 = primitives.channel_moments(x)
     else:
-        mean = m2 = torch.zeros(num_channels, dtype=_stat_dtype(x), device=x.device)
+        mean = m2 = torch.zeros(num_channels, dtype=compute_dtype(x), device=x.device)
     local = torch.cat([mean.new_full((1,), local_count), mean, m2]).to(torch.float64)
     gathered = local.new_empty(dist.get_world_size(process_group), local.numel())
     dist.all_gather(list(gathered.unbind(0)), local, group=process_group)
@@ -122,14 +116,6 @@ def _gather_moments(x: torch.Tensor, primitives, process_group) -> tuple[int, to
     return int(count.item()), global_mean, global_m2
 
 
-def _update_running_stats(running_mean, running_var, mean, m2, count, momentum):
-    if running_mean is None:
-        return
-    with torch.no_grad():
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_((m2 / (count - 1)).to(running_var.dtype), momentum)
-
-
 class _SyncBatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps, momentum, activation,
@@ -138,14 +124,14 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         count, mean, m2 = _gather_moments(input, primitives, process_group)
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {count} over the group")
-        _update_running_stats(running_mean, running_var, mean, m2, count, momentum)
-        stat_dtype = _stat_dtype(input)
+        update_running_stats(running_mean, running_var, mean, m2, count, momentum)
+        stat_dtype = compute_dtype(input)
         rstd = (m2 / count + eps).rsqrt().to(stat_dtype)
         mean = mean.to(stat_dtype)
         if input.numel() > 0:
             out = primitives.normalize_act(input, mean, rstd, weight, bias, activation, negative_slope, residual)
         else:
-            out = torch.empty_like(input)
+            out = torch.empty_like(input, dtype=reference.output_dtype(input, residual))
         ctx.save_for_backward(input, weight, bias, residual, mean, rstd)
         ctx.options = (activation, negative_slope, count, process_group, primitives)
         return out
