@@ -559,7 +559,7 @@ def study_environment(device: torch.device, kernels: bool) -> Iterator[str]:
     turn denormal and slow CPU convolutions down some 50-fold, which would swamp every timing."""
     from tritonbn import functional
 
-    if kernels and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if kernels and device.type == "cpu" and not functional.interpreter_enabled():
         raise RuntimeError("--kernels on a CPU needs TRITON_INTERPRET=1 set before triton is imported")
     path = functional.cpu_reference() if device.type == "cpu" and not kernels else contextlib.nullcontext()
     flushed = device.type == "cpu" and torch.set_flush_denormal(True)

@@ -5,7 +5,6 @@ p20/p80. Elsewhere: wall-clock medians of a few runs, labelled so that no report
 performance: `interpreter` when Triton kernels run under TRITON_INTERPRET=1, `cpu-reference` otherwise.
 """
 
-import os
 import statistics
 import time
 
@@ -16,14 +15,12 @@ INTERPRETER = "interpreter"
 CPU_REFERENCE = "cpu-reference"
 
 
-def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def timing_label(device: torch.device) -> str:
+    from tritonbn.functional import _uses_kernels
+
     if device.type == "cuda":
         return CUDA_EVENTS
-    return INTERPRETER if interpreter_active() else CPU_REFERENCE
+    return INTERPRETER if _uses_kernels(torch.empty(0, device=device)) else CPU_REFERENCE
 
 
 def measure(fn, device: torch.device, cpu_runs: int = 3) -> tuple[float, float, float]:

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tritonbn.functional import interpreter_enabled
+
 from .bandwidth import min_passes
-from .timing import interpreter_active
 
 # Passes the current kernels may make (without / with a residual). Raising one is a deliberate decision.
 BUDGET = {"fwd": (3, 4), "bwd": (5, 7), "eval": (2, 3)}
@@ -78,7 +79,7 @@ def count_traffic():
     Usage: `with count_traffic() as t: ...; t.bytes_loaded, t.bytes_stored, t.launches, t.kernels`.
     Atomic read-modify-writes count as one load and one store of each active lane.
     """
-    if not interpreter_active():
+    if not interpreter_enabled():
         raise RuntimeError("count_traffic() needs the Triton interpreter: set TRITON_INTERPRET=1 before "
                            "triton or tritonbn.kernels is imported")
     from triton.runtime import interpreter

@@ -29,11 +29,16 @@ def cpu_reference():
         _cpu_reference_forced = previous
 
 
+def interpreter_enabled() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's interpreter, read with the values Triton accepts."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def _uses_kernels(x: torch.Tensor) -> bool:
     """Whether ``x`` runs the Triton kernels (compiled on CUDA, interpreted on CPU) or the reference."""
     if x.device.type == "cuda":
         return True
-    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and not _cpu_reference_forced
+    return x.device.type == "cpu" and interpreter_enabled() and not _cpu_reference_forced
 
 
 class BatchNormActFunction(torch.autograd.Function):
