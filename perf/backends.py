@@ -14,25 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tritonbn import reference
+
 BUILTIN = ("tritonbn", "eager", "compile")
 OPTIONAL = ("flag_gems", "apex")
 ALL = BUILTIN + OPTIONAL
-
-
-def activate(z: torch.Tensor, activation: str, negative_slope: float = 0.01) -> torch.Tensor:
-    """PyTorch's own op for each activation name in `tritonbn.ACTIVATIONS`."""
-    if activation == "identity":
-        return z
-    if activation == "leaky_relu":
-        return F.leaky_relu(z, negative_slope)
-    return {
-        "relu": F.relu,
-        "relu6": F.relu6,
-        "elu": F.elu,
-        "silu": F.silu,
-        "gelu": F.gelu,
-        "hardswish": F.hardswish,
-    }[activation](z)
 
 
 def eager_batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
@@ -40,7 +26,7 @@ def eager_batch_norm_act(input, running_mean, running_var, weight=None, bias=Non
     z = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         z = z + residual
-    return activate(z, activation, negative_slope)
+    return reference.activate(z, activation, negative_slope)
 
 
 def tritonbn_batch_norm_act(*args, **kwargs):

@@ -55,6 +55,16 @@ def _config_label(row, vary_activation: bool, vary_residual: bool) -> str:
     return label
 
 
+def _save(fig, path: Path, rect=(0, 0, 1, 1), rows=None) -> bool:
+    """Lay out, write and close a figure (with the device/timing note when ``rows`` are given)."""
+    if rows is not None:
+        _figure_note(fig, rows)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return True
+
+
 def _figure_note(fig, rows) -> None:
     """Device and timing method at the foot of a figure; a red warning when the timings are not GPU ones."""
     devices = ", ".join(sorted({r["device"] for r in rows}))
@@ -116,11 +126,7 @@ def plot_speedup(rows, mode: str, path: Path) -> bool:
         ax.legend(fontsize=8, loc="best")
         ax.grid(axis="y", alpha=0.3, which="both")
     fig.suptitle(f"Speedup over eager PyTorch (F.batch_norm + activation): {MODE_TITLES[mode]}")
-    _figure_note(fig, rows)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path, rect=(0, 0.03, 1, 1), rows=rows)
 
 
 def plot_bandwidth(rows, path: Path) -> bool:
@@ -148,11 +154,7 @@ def plot_bandwidth(rows, path: Path) -> bool:
     fig.legend(handles, labels, fontsize=8, loc="upper right", ncols=len(labels))
     fig.suptitle("Achieved bandwidth against the copy-bandwidth roofline (higher is better)", x=0.02,
                  ha="left")
-    _figure_note(fig, rows)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path, rect=(0, 0.04, 1, 0.95), rows=rows)
 
 
 def plot_scaling(rows, path: Path) -> bool:
@@ -182,11 +184,7 @@ def plot_scaling(rows, path: Path) -> bool:
     axes[0][0].set_ylabel("median time (ms)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Time against size, C = {channels} (lower is better)")
-    _figure_note(fig, rows)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path, rect=(0, 0.04, 1, 1), rows=rows)
 
 
 def _byte_unit(values) -> tuple[float, str]:
@@ -232,10 +230,7 @@ def plot_memory(rows, path: Path) -> bool:
         ax.grid(axis="y", alpha=0.3)
     note = "" if len(metrics) > 1 else "; peak allocation is measured on CUDA only"
     fig.suptitle(f"Memory per backend and shape ({combo[0]}, {combo[1]}{note})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _fmt(value, spec=".3g") -> str:

@@ -27,6 +27,8 @@ from torch import nn
 from torch.fx.proxy import TraceError
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import reference
+
 logger = logging.getLogger(__name__)
 
 REPORT_ATTRIBUTE = "tritonbn_fuse_report"
@@ -231,14 +233,6 @@ def _kernel_adds(input: torch.Tensor, residual) -> bool:
     return all(size in (1, full) for size, full in zip(reversed(residual.shape), reversed(input.shape)))
 
 
-def _activate(value: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
-    if activation == "identity":
-        return value
-    if activation == "leaky_relu":
-        return F.leaky_relu(value, negative_slope)
-    return _ACTIVATION_FUNCTIONS[activation](value)
-
-
 def fused_residual_act(module: nn.Module, input: torch.Tensor, residual) -> torch.Tensor:
     """``act(bn(input) + residual)`` with the fused ``module``: what `fuse` calls for ``act(bn(x) + y)``.
 
@@ -254,7 +248,7 @@ def fused_residual_act(module: nn.Module, input: torch.Tensor, residual) -> torc
     if _kernel_adds(input, residual):
         return module(input, residual if residual.shape == input.shape else residual.expand_as(input))
     plain = batch_norm_like(_fused_module_kinds()[type(module)][0], module, **_group_option(module))
-    return _activate(plain(input) + residual, module.activation, module.negative_slope)
+    return reference.activate(plain(input) + residual, module.activation, module.negative_slope)
 
 
 # ---------------------------------------------------------------------------------------------------
