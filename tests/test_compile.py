@@ -1,7 +1,8 @@
 """torch.compile(fullgraph=True) of fused models: no graph break, and the same results as eager.
 
-On CPU the kernels run under the interpreter inside the custom ops; the "eager" and "aot_eager"
-backends keep compilation fast, and one test goes through the default inductor backend.
+The tests run on the suite's device: on CUDA the compiled kernels, on CPU the kernels under the
+interpreter, inside the custom ops either way. The "eager" and "aot_eager" backends keep compilation fast,
+and one test goes through the default inductor backend.
 """
 
 import copy
@@ -11,7 +12,6 @@ import torch
 from torch import nn
 
 import tritonbn
-from tritonbn.functional import cpu_reference
 
 
 class Block(nn.Module):
@@ -30,8 +30,8 @@ class Block(nn.Module):
         return torch.nn.functional.silu(self.bn2(self.conv2(out)) + x)
 
 
-def fused_block():
-    model = tritonbn.fuse(Block().double())
+def fused_block(device="cpu"):
+    model = tritonbn.fuse(Block().double().to(device))
     assert len(model.tritonbn_fuse_report.fused) == 2
     with torch.no_grad():
         for name in ("bn1", "bn2"):
@@ -73,8 +73,9 @@ def run_steps(model, inputs):
 def assert_matches_eager(model, compiled, training, steps=2):
     eager = copy.deepcopy(model).train(training)
     compiled.train(training)
-    inputs = [(torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randn(2, 3, 6, 6, dtype=torch.float64))
-              for _ in range(steps)]
+    device = next(model.parameters()).device
+    inputs = [(torch.randn(2, 3, 6, 6, dtype=torch.float64, device=device),
+               torch.randn(2, 3, 6, 6, dtype=torch.float64, device=device)) for _ in range(steps)]
     torch.testing.assert_close(run_steps(compiled, inputs), run_steps(eager, inputs))
     # Running statistics moved once per step, exactly as in eager.
     torch.testing.assert_close(model.state_dict(), eager.state_dict())
@@ -82,19 +83,19 @@ def assert_matches_eager(model, compiled, training, steps=2):
 
 @pytest.mark.parametrize("training", [pytest.param(True, id="train"), pytest.param(False, id="eval")])
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_fullgraph_matches_eager(backend, training):
+def test_fullgraph_matches_eager(device, backend, training):
     torch._dynamo.reset()
-    model = fused_block().train(training)
+    model = fused_block(device).train(training)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     assert_matches_eager(model, compiled, training)
     assert int(model.bn1.num_batches_tracked) == (2 if training else 0)
 
 
 @pytest.mark.parametrize("training", [pytest.param(True, id="train"), pytest.param(False, id="eval")])
-def test_no_graph_breaks_and_kernel_ops_in_the_graph(training):
+def test_no_graph_breaks_and_kernel_ops_in_the_graph(device, training):
     torch._dynamo.reset()
-    model = fused_block().train(training)
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    model = fused_block(device).train(training)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, device=device)
     explanation = torch._dynamo.explain(copy.deepcopy(model))(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     recorder = GraphRecorder()
@@ -104,21 +105,22 @@ def test_no_graph_breaks_and_kernel_ops_in_the_graph(training):
 
 
 def test_reference_path_compiles_natively():
+    """CPU tensors under cpu_reference() (or wherever the kernels are compiled) take the reference path."""
     torch._dynamo.reset()
     model = fused_block()
-    with cpu_reference():
+    with tritonbn.cpu_reference():
         recorder = GraphRecorder()
         compiled = torch.compile(model, backend=recorder, fullgraph=True)
         assert_matches_eager(model, compiled, training=True)
     assert not any(target.startswith("tritonbn.") for target in recorder.targets())
 
 
-def test_inductor_training_step():
+def test_inductor_training_step(device):
     torch._dynamo.reset()
-    layer = tritonbn.BatchNormAct2d(3, activation="hardswish", dtype=torch.float64)
+    layer = tritonbn.BatchNormAct2d(3, activation="hardswish", dtype=torch.float64, device=device)
     compiled = torch.compile(layer, fullgraph=True)
     eager = copy.deepcopy(layer)
-    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device)
     residual = torch.randn_like(x)
     torch.testing.assert_close(compiled(x, residual), eager(x, residual))
     torch.testing.assert_close(layer.state_dict(), eager.state_dict())

@@ -157,14 +157,15 @@ def test_nan_stays_in_its_channel(device, training):
 
 
 def test_rows_past_int32_switch_the_kernels_to_int64_indices():
-    from tritonbn.kernels import batch_norm_act as launchers
+    from tritonbn.kernels.plan import Tiling
 
-    assert launchers._Plan(2**31 + 8, 1, False, torch.device("cpu")).rows_i64
-    assert not launchers._Plan(2**20, 64, False, torch.device("cpu")).rows_i64
+    assert Tiling(2**31 + 8, 1, False, torch.device("cpu")).rows_i64
+    assert not Tiling(2**20, 64, False, torch.device("cpu")).rows_i64
 
 
 def test_int64_row_indices_give_the_same_results(device, monkeypatch):
-    from tritonbn.kernels import batch_norm_act as launchers
+    from tritonbn import functional
+    from tritonbn.kernels import forward, plan
 
     x = torch.randn(3, 4, 9, 11, dtype=torch.float64, device=device, requires_grad=True)
     residual = torch.randn_like(x, requires_grad=True)
@@ -176,11 +177,12 @@ def test_int64_row_indices_give_the_same_results(device, monkeypatch):
 
     expected = run()
 
-    def plan_with_int64_rows(*args):
-        plan = launchers._Plan(*args)
-        plan.rows_i64 = True
-        return plan
+    def tiling_with_int64_rows(*args):
+        tiling = plan.Tiling(*args)
+        tiling.rows_i64 = True
+        return tiling
 
-    monkeypatch.setattr(launchers, "_cached_plan", plan_with_int64_rows)
+    monkeypatch.setattr(forward, "Tiling", tiling_with_int64_rows)
+    monkeypatch.setattr(functional, "_PLANS", {})  # plan anew, with the patched tiling
     for got, want in zip(run(), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -11,8 +11,8 @@ import inspect
 from torch.nn import init
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import batch_norm_act_checked
-from .validation import check_activation, check_batch_norm_args
+from .functional import prepare, run
+from .validation import check_activation
 
 # torch 2.13 added nn.BatchNorm*d(..., *, bias=True); older releases always make a bias when affine.
 TORCH_BATCH_NORM_HAS_BIAS_FLAG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
@@ -49,15 +49,16 @@ class _BatchNormAct(_BatchNorm):
         use_running_stats = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running_stats else None
         running_var = self.running_var if use_running_stats else None
-        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, residual, bn_training)
+        plan = prepare(input, running_mean, running_var, self.weight, self.bias, residual, bn_training, self.eps,
+                       self.activation)
 
         average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 average_factor = 1.0 / float(self.num_batches_tracked)
-        return batch_norm_act_checked(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                                      average_factor, self.eps, self.activation, self.negative_slope, residual)
+        return run(plan, input, running_mean, running_var, self.weight, self.bias, bn_training, average_factor,
+                   self.eps, self.activation, self.negative_slope, residual)
 
     def extra_repr(self):
         text = f"{super().extra_repr()}, activation={self.activation}"

@@ -12,7 +12,7 @@ op runs.
 import torch
 from torch import Tensor
 
-from .reference import compute_dtype, output_dtype, update_running_stats
+from .reference import compute_dtype, update_running_stats
 
 
 def _channel_stats_like(x: Tensor) -> Tensor:
@@ -27,9 +27,9 @@ def batch_stats(input: Tensor, running_mean: Tensor | None, running_var: Tensor 
     No autograd formula: ops that mutate cannot have one.  ``normalize_act``'s formula with
     ``training=True`` already differentiates through the statistics, so callers pass a detached input.
     """
-    from . import kernels
+    from .kernels import grouped
 
-    mean, m2 = kernels.channel_moments(input)
+    mean, m2 = grouped.channel_moments(input)
     count = input.numel() // input.shape[1]
     update_running_stats(running_mean, running_var, mean, m2, count, momentum)
     return mean, torch.rsqrt(m2 / max(count, 1) + eps)
@@ -45,14 +45,22 @@ def normalize_act(input: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | No
                   residual: Tensor | None, activation: str, negative_slope: float, training: bool) -> Tensor:
     """act((input - mean) * rstd * weight + bias [+ residual]); ``training`` says whether mean and rstd
     are the batch's own statistics, which the gradient of ``input`` then accounts for."""
-    from . import kernels
+    from .kernels import grouped
 
-    return kernels.normalize_act(input, mean, rstd, weight, bias, activation, negative_slope, residual)
+    return grouped.normalize_act(input, mean, rstd, weight, bias, activation, negative_slope, residual)
+
+
+def _output_like(input: Tensor, dtype: torch.dtype) -> Tensor:
+    """A new tensor with the strides the kernels give their output for ``input`` (see ``output_layout``)."""
+    from .kernels.plan import output_layout
+
+    return input.new_empty_strided(input.shape, output_layout(input.shape, input.stride())[0], dtype=dtype)
 
 
 @normalize_act.register_fake
 def _(input, mean, rstd, weight, bias, residual, activation, negative_slope, training):
-    return torch.empty_like(input, dtype=output_dtype(input, residual))
+    out_dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
+    return _output_like(input, out_dtype)
 
 
 @torch.library.custom_op("tritonbn::backward", mutates_args=())
@@ -63,12 +71,12 @@ def backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor, wei
 
     The sums are the weight and bias gradients.  Ops cannot return None, hence the empty tensor.
     """
-    from . import kernels
+    from .kernels import grouped
 
     args = (grad_output, input, mean, rstd, weight, bias, activation, negative_slope, residual)
-    sum_dz, sum_dz_xhat = kernels.backward_reduce(*args)
+    sum_dz, sum_dz_xhat = grouped.backward_reduce(*args)
     count = input.numel() // input.shape[1] if input.shape[1] else 0
-    grad_input, grad_residual = kernels.backward_input(*args, sum_dz, sum_dz_xhat, count, training)
+    grad_input, grad_residual = grouped.backward_input(*args, sum_dz, sum_dz_xhat, count, training)
     if grad_residual is None:
         grad_residual = input.new_empty(0)
     return grad_input, sum_dz_xhat, sum_dz, grad_residual
@@ -76,8 +84,8 @@ def backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor, wei
 
 @backward.register_fake
 def _(grad_output, input, mean, rstd, weight, bias, residual, activation, negative_slope, training):
-    grad_residual = torch.empty_like(input, dtype=grad_output.dtype) if residual is not None else input.new_empty(0)
-    return torch.empty_like(input), torch.empty_like(mean), torch.empty_like(mean), grad_residual
+    grad_residual = _output_like(input, grad_output.dtype) if residual is not None else input.new_empty(0)
+    return _output_like(input, input.dtype), torch.empty_like(mean), torch.empty_like(mean), grad_residual
 
 
 def _setup_normalize_act(ctx, inputs, output):

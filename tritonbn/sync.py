@@ -13,10 +13,10 @@ import torch.distributed as dist
 from torch import nn
 
 from . import reference
-from .functional import _uses_kernels
+from .backend import uses_kernels
 from .modules import _BatchNormAct
 from .reference import activate, compute_dtype, update_running_stats
-from .validation import check_batch_norm_args
+from .validation import check_batch_norm_args, check_eps
 
 # ---------------------------------------------------------------------------------------------------
 # Per-rank primitives: the Triton kernels, or the same computations in PyTorch where they cannot run
@@ -70,22 +70,20 @@ class _TorchPrimitives:
 
     @staticmethod
     def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual, sum_dz,
-                       sum_dz_xhat, count, training):
+                       sum_dz_xhat, count):
         dz, xhat = _TorchPrimitives._dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope,
                                                  residual)
         scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-        dxhat = dz
-        if training:
-            dxhat = dz - _per_channel(sum_dz / count, x) - xhat * _per_channel(sum_dz_xhat / count, x)
+        dxhat = dz - _per_channel(sum_dz / count, x) - xhat * _per_channel(sum_dz_xhat / count, x)
         dx = (dxhat * _per_channel(scale, x)).to(x.dtype)
         return dx, None if residual is None else dz.to(residual.dtype)
 
 
 def _primitives(x: torch.Tensor):
-    if _uses_kernels(x):
-        import tritonbn.kernels as kernels
+    if uses_kernels(x):
+        from .kernels import grouped
 
-        return kernels
+        return grouped
     return _TorchPrimitives
 
 
@@ -152,7 +150,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         global_sum_dz, global_sum_dz_xhat = global_sums.chunk(2)
         if input.numel() > 0:
             grad_input, grad_residual = primitives.backward_input(
-                grad_output, input, mean, rstd, *act, global_sum_dz, global_sum_dz_xhat, count, True)
+                grad_output, input, mean, rstd, *act, global_sum_dz, global_sum_dz_xhat, count)
         else:
             grad_input = torch.zeros_like(input)
             grad_residual = None if residual is None else torch.zeros_like(residual)
@@ -198,6 +196,7 @@ class SyncBatchNormAct(_BatchNormAct):
         running_var = self.running_var if self.track_running_stats else None
         # Whether there is more than one value per channel depends on the whole group's count, which the
         # Function checks after gathering it: every rank knows it, so every rank raises alike.
+        check_eps(self.eps, training=True)
         check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, residual, training=True,
                               check_batch_size=False)
         counts_batches = self.track_running_stats and self.num_batches_tracked is not None

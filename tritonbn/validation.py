@@ -5,9 +5,11 @@ PyTorch raises RuntimeError for the same mistake, the error class also derives f
 written against ``nn.BatchNorm`` keeps catching it.
 """
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "relu6", "elu", "silu", "gelu", "hardswish")
 
@@ -32,6 +34,41 @@ class MissingRunningStatsError(ValueError, RuntimeError):
     """Eval mode without running statistics to normalise with."""
 
 
+# The dtypes the kernels (and PyTorch's batch norm) compute in; float8 and the like are rejected as PyTorch does.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor_types(input, running_mean, running_var, weight, bias, residual) -> None:
+    """A TypeError naming the argument for anything that is neither a tensor nor None (input: a tensor)."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    optional = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias,
+                "residual": residual}
+    for name, value in optional.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+
+
+@functools.cache
+def _torch_checks_eps() -> bool:
+    """Whether this PyTorch's F.batch_norm rejects a non-positive eps (2.13 does; older releases give NaN)."""
+    try:
+        F.batch_norm(torch.ones(2, 1), None, None, training=True, eps=0.0)
+    except ValueError:
+        return True
+    return False
+
+
+def check_eps(eps, training) -> None:
+    """PyTorch's ValueError for eps <= 0 in training or eps < 0 in eval, where this PyTorch raises it."""
+    if eps > 0.0 or not _torch_checks_eps():
+        return
+    if training:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def check_activation(activation: str) -> str:
     """``activation`` if it is supported, else a ValueError that lists the supported names."""
     if activation not in ACTIVATIONS:
@@ -46,10 +83,10 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, residu
     ``check_batch_size=False`` skips the "more than 1 value per channel" check, for synchronized batch
     norm, whose statistics are over the whole process group rather than this rank's batch.
     """
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise InputDtypeError(f"batch norm needs a floating-point input, got dtype {input.dtype}")
+    check_tensor_types(input, running_mean, running_var, weight, bias, residual)
+    if input.dtype not in FLOAT_DTYPES:
+        raise InputDtypeError(f'"batch_norm" not implemented for {input.dtype}: the input must be one of '
+                              f"{', '.join(str(d) for d in FLOAT_DTYPES)}")
     if input.dim() < 2:
         raise InputRankError(f"expected an input of at least 2 dims (N, C, ...), got {input.dim()}D input")
     channels = input.shape[1]
@@ -59,8 +96,8 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, residu
             continue
         if tensor.device != input.device:
             raise DeviceMismatchError(f"{name} is on {tensor.device} but the input is on {input.device}")
-        if not tensor.is_floating_point():
-            raise InputDtypeError(f"{name} must be floating point, got dtype {tensor.dtype}")
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise InputDtypeError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {tensor.dtype}")
         if tensor.numel() != channels:
             raise ChannelMismatchError(
                 f"{name} has {tensor.numel()} elements but the input has {channels} channels (dim 1)")
@@ -75,8 +112,8 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, residu
         if residual.shape != input.shape:
             raise ChannelMismatchError(
                 f"residual has shape {tuple(residual.shape)} but the input has shape {tuple(input.shape)}")
-        if not residual.is_floating_point():
-            raise InputDtypeError(f"residual must be floating point, got dtype {residual.dtype}")
+        if residual.dtype not in FLOAT_DTYPES:
+            raise InputDtypeError(f"residual must be float16, bfloat16, float32 or float64, got dtype {residual.dtype}")
     if training and check_batch_size and input.shape[0] * math.prod(input.shape[2:]) == 1:
         # Same words as PyTorch, which tools and tests match on.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")

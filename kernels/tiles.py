@@ -1,0 +1,114 @@
+"""Jit helpers shared by the forward and backward kernels: tile addressing, scalars, partial merges.
+
+Every tensor is addressed as a 3-D view (N, C, S), S being all spatial dims collapsed, through its own
+three strides. A program owns BLOCK_C channels (axis 0 of the grid) and a contiguous slice, a "split", of
+the N*S reduction rows (axis 1), which it walks in BLOCK_R-row tiles.
+"""
+
+import triton
+import triton.language as tl
+
+# Where a kernel's per-channel statistics come from (the STATS constexpr).
+BATCH = tl.constexpr(0)  # merged from this call's partials (training)
+GIVEN = tl.constexpr(1)  # read from a [2, C] buffer of mean and rstd (backward, synchronized batch norm)
+RUNNING = tl.constexpr(2)  # folded from the running statistics (eval)
+
+
+@triton.jit
+def tile_offsets(rows, cols, S, stride_n, stride_c, stride_s):
+    """Element offsets of a [BLOCK_R, BLOCK_C] tile; row r is sample r // S, spatial position r % S."""
+    n = rows // S
+    s = rows - n * S
+    row_offsets = n.to(tl.int64) * stride_n + s.to(tl.int64) * stride_s
+    return row_offsets[:, None] + cols.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
+def channel_block(C, BLOCK_C: tl.constexpr):
+    """This program's channels and which of them exist."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return cols, cols < C
+
+
+@triton.jit
+def split_rows(rows_per_split, R, ROWS_I64: tl.constexpr):
+    """First and end row of this program's split; int64 only when rows pass int32's range (rare, and
+    int64 index arithmetic is slower)."""
+    pid_split = tl.program_id(1)
+    if ROWS_I64:
+        pid_split = pid_split.to(tl.int64)
+    row_start = pid_split * rows_per_split
+    return row_start, tl.minimum(row_start + rows_per_split, R)
+
+
+@triton.jit
+def scalar(hi, lo, like):
+    """A float argument, passed as a float32 head and tail (about 48 bits: a few float64 ulps, where a
+    single float32 would lose 29 bits), as a tensor shaped and typed like ``like``."""
+    return (tl.zeros_like(like) + hi) + lo
+
+
+@triton.jit
+def merge_moments(part_ptr, C, cols, col_mask, num_splits, rows_per_split, last_split_rows,
+                  BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
+    """(count, mean, M2) of the channels ``cols`` from the per-split partials written by
+    ``moments_partial_kernel`` at ``part_ptr`` (means, then M2s, each [num_splits, C]).
+
+    Merged with Chan et al.'s formula in split order, the same way in every program that merges, so
+    every program gets bitwise the same statistics: no atomics, no second kernel.
+    """
+    count = tl.zeros([BLOCK_C], dtype=COMPUTE)
+    mean = tl.zeros([BLOCK_C], dtype=COMPUTE)
+    m2 = tl.zeros([BLOCK_C], dtype=COMPUTE)
+    m2_ptr = part_ptr + num_splits * C
+    for split in range(0, num_splits):
+        split_count = tl.where(split == num_splits - 1, last_split_rows, rows_per_split).to(COMPUTE)
+        split_mean = tl.load(part_ptr + split * C + cols, mask=col_mask, other=0.0).to(COMPUTE)
+        split_m2 = tl.load(m2_ptr + split * C + cols, mask=col_mask, other=0.0).to(COMPUTE)
+        total = count + split_count
+        delta = split_mean - mean
+        weight = split_count / total
+        mean += delta * weight
+        m2 += split_m2 + delta * delta * count * weight
+        count = total
+    return count, mean, m2
+
+
+@triton.jit
+def sum_partials(part_ptr, C, cols, col_mask, num_splits, BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
+    """Totals of two per-channel quantities from [2, num_splits, C] partials, added in split order."""
+    sum_a = tl.zeros([BLOCK_C], dtype=COMPUTE)
+    sum_b = tl.zeros([BLOCK_C], dtype=COMPUTE)
+    b_ptr = part_ptr + num_splits * C
+    for split in range(0, num_splits):
+        sum_a += tl.load(part_ptr + split * C + cols, mask=col_mask, other=0.0).to(COMPUTE)
+        sum_b += tl.load(b_ptr + split * C + cols, mask=col_mask, other=0.0).to(COMPUTE)
+    return sum_a, sum_b
+
+
+@triton.jit
+def channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols, col_mask,
+                  STATS: tl.constexpr, COMPUTE: tl.constexpr):
+    """Per-channel (mean, rstd) of a tile's channels, read from ``stats_ptr`` (mean, then rstd: STATS ==
+    GIVEN) or folded from the running statistics (STATS == RUNNING: eval mode)."""
+    if STATS == RUNNING:
+        mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
+        var = tl.load(running_var_ptr + cols, mask=col_mask, other=1.0).to(COMPUTE)
+        rstd = 1.0 / tl.sqrt(var + scalar(eps_hi, eps_lo, var))
+    else:
+        mean = tl.load(stats_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
+        rstd = tl.load(stats_ptr + C + cols, mask=col_mask, other=0.0).to(COMPUTE)
+    return mean, rstd
+
+
+@triton.jit
+def affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+           COMPUTE: tl.constexpr):
+    """(scale = weight * rstd, bias) of a tile's channels; weight 1 and bias 0 where absent."""
+    scale = rstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
+    bias = tl.zeros_like(rstd)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
+    return scale, bias
