@@ -9,12 +9,16 @@ Kernels know nothing about autograd or modules: ``tritonbn.functional`` builds o
   grouped.py   the same kernels in pieces, for synchronized batch norm
 """
 
+import triton.language.standard as _triton_library
+
 from .activations import ACTIVATION_IDS
 from .backward import backward_plan
 from .forward import ForwardPlan, moments_partial_kernel
 from .plan import output_layout
 
-# Triton decides at definition whether a kernel is interpreted (TRITON_INTERPRET=1) or compiled.
-INTERPRETED = type(moments_partial_kernel).__name__ == "InterpretedFunction"
+# Triton decides at definition whether a jit function is interpreted (TRITON_INTERPRET=1) or compiled: its own
+# library when triton is imported, these kernels when tritonbn.kernels is. Interpreted kernels that call a
+# compiled library fail, so they count as interpreted only when both are.
+INTERPRETED = all(type(fn).__name__ == "InterpretedFunction" for fn in (moments_partial_kernel, _triton_library.sum))
 
 __all__ = ["ACTIVATION_IDS", "INTERPRETED", "ForwardPlan", "backward_plan", "output_layout"]

@@ -53,14 +53,13 @@ def backward_reduce_kernel(
     dy_ptr,  # gradient of the output
     x_ptr,  # input saved from the forward
     residual_ptr,  # residual saved from the forward (read when HAS_RESIDUAL)
-    stats_ptr,  # mean then rstd, [2, C], from stats_offset on (STATS == GIVEN)
+    stats_ptr,  # [2, C] mean then rstd (STATS == GIVEN)
     weight_ptr, bias_ptr,  # [C] affine parameters (read when HAS_WEIGHT / HAS_BIAS)
     running_mean_ptr, running_var_ptr,  # [C] the statistics an eval forward used (STATS == RUNNING)
     part_ptr,  # out: [2, num_splits, C] per-split sums of dz, then of dz * xhat
     dz_ptr,  # out when STORE_DZ: dz itself, which is the residual's gradient
     eps_hi, eps_lo,  # eps as a float32 head and tail (STATS == RUNNING)
     slope_hi, slope_lo,  # leaky_relu's negative slope as a float32 head and tail
-    stats_offset,  # where mean and rstd start in stats_ptr
     R, C, S,  # reduction rows (N * S), channels, spatial size
     dy_stride_n, dy_stride_c, dy_stride_s,  # strides of dy
     x_stride_n, x_stride_c, x_stride_s,  # strides of x
@@ -76,7 +75,7 @@ def backward_reduce_kernel(
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     cols, col_mask = channel_block(C, BLOCK_C)
-    mean, rstd = channel_stats(stats_ptr + stats_offset, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols,
+    mean, rstd = channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols,
                                col_mask, STATS, COMPUTE)
     scale, bias = affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     negative_slope = scalar(slope_hi, slope_lo, mean)
@@ -107,7 +106,7 @@ def backward_input_kernel(
     dy_ptr,  # gradient of the output (read unless LOAD_DZ)
     x_ptr,  # input saved from the forward
     residual_ptr,  # residual saved from the forward (read when HAS_RESIDUAL and dz is not loaded)
-    stats_ptr,  # mean then rstd, [2, C], from stats_offset on (STATS == GIVEN)
+    stats_ptr,  # [2, C] mean then rstd (STATS == GIVEN)
     weight_ptr, bias_ptr,  # [C] affine parameters (read when HAS_WEIGHT / HAS_BIAS)
     running_mean_ptr, running_var_ptr,  # [C] the statistics an eval forward used (STATS == RUNNING)
     sums_ptr,  # SUMS == BATCH: [2, num_sum_splits, C] partials of the reduce kernel; GIVEN: their [2, C] totals
@@ -116,7 +115,6 @@ def backward_input_kernel(
     dweight_ptr, dbias_ptr,  # [C] out when STORE_DWEIGHT / STORE_DBIAS: sum of dz * xhat, sum of dz
     eps_hi, eps_lo,  # eps as a float32 head and tail (STATS == RUNNING)
     slope_hi, slope_lo,  # leaky_relu's negative slope as a float32 head and tail
-    stats_offset,  # where mean and rstd start in stats_ptr
     count,  # number of values each channel's statistics were taken over
     num_sum_splits,  # splits of the reduce kernel's partials (SUMS == BATCH)
     R, C, S,  # reduction rows (N * S), channels, spatial size
@@ -133,12 +131,13 @@ def backward_input_kernel(
     STORE_DX: tl.constexpr, STORE_DZ: tl.constexpr, LOAD_DZ: tl.constexpr,
     STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # activation id, see activations.py
+    SPLIT_BLOCK: tl.constexpr,  # partial splits added per step
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # tile shape
     ROWS_I64: tl.constexpr,  # row indices need int64
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     cols, col_mask = channel_block(C, BLOCK_C)
-    mean, rstd = channel_stats(stats_ptr + stats_offset, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols,
+    mean, rstd = channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols,
                                col_mask, STATS, COMPUTE)
     scale, bias = affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     negative_slope = scalar(slope_hi, slope_lo, mean)
@@ -146,7 +145,8 @@ def backward_input_kernel(
     mean_dz_xhat = tl.zeros_like(mean)
     if TRAINING or (STORE_DWEIGHT or STORE_DBIAS):
         if SUMS == BATCH:
-            sum_dz, sum_dz_xhat = sum_partials(sums_ptr, C, cols, col_mask, num_sum_splits, BLOCK_C, COMPUTE)
+            sum_dz, sum_dz_xhat = sum_partials(sums_ptr, C, cols, col_mask, num_sum_splits, SPLIT_BLOCK, BLOCK_C,
+                                               COMPUTE)
         else:
             sum_dz = tl.load(sums_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
             sum_dz_xhat = tl.load(sums_ptr + C + cols, mask=col_mask, other=0.0).to(COMPUTE)
@@ -230,17 +230,17 @@ class BackwardPlan:
         tile = (tiling.block_r, tiling.block_c, tiling.rows_i64, forward.compute)
         self.reduce = Launcher(backward_reduce_kernel, tiling.grid, tiling.num_warps, 10, index)
         dz_ncs = ncs_strides(shape, self.dx_stride)
-        self.reduce_tail = (forward.stats_offset, *common, *dz_ncs, tiling.rows_per_split, stats, *flags,
+        self.reduce_tail = (*common, *dz_ncs, tiling.rows_per_split, stats, *flags,
                             store_dz_in_reduce, forward.activation_id, *tile)
         # Without dx or dz to write, the input kernel only totals the weight and bias gradients: one split.
         rows_pass = need_input or (need_dz and not self.run_reduce)
         grid = tiling.grid if rows_pass else (tiling.channel_blocks, 1)
         self.input = Launcher(backward_input_kernel, grid, tiling.num_warps, 13, index)
         self.input_tail = (
-            forward.stats_offset, forward.count, tiling.num_splits, *common,
+            forward.count, tiling.num_splits, *common,
             *dz_ncs, *dz_ncs, tiling.rows_per_split, stats, BATCH.value,
             forward.training, *flags, need_input, need_dz and not self.run_reduce, store_dz_in_reduce,
-            need_weight, need_bias, forward.activation_id, *tile)
+            need_weight, need_bias, forward.activation_id, tiling.split_block, *tile)
 
     def __call__(self, dy, x, stats, weight, bias, residual, running_mean, running_var, eps, negative_slope):
         """(grad input, grad weight, grad bias, grad residual), None for those not wanted."""

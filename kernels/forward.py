@@ -33,7 +33,7 @@ from .tiles import BATCH, RUNNING, affine, channel_block, channel_stats, merge_m
 @triton.jit
 def moments_partial_kernel(
     x_ptr,  # input, addressed as (N, C, S) through the three strides below
-    part_ptr,  # out: [2, num_splits, C] per-split mean, then sum of squared deviations from it
+    workspace_ptr,  # [2, C] statistics (normalize_kernel's), then out: [2, num_splits, C] per-split mean, M2
     R, C, S,  # reduction rows (N * S), channels, spatial size (product of the dims after C; 1 for 2-D input)
     stride_n, stride_c, stride_s,  # strides of x
     rows_per_split,  # rows each split owns; a multiple of BLOCK_R
@@ -62,9 +62,10 @@ def moments_partial_kernel(
         mean += delta * weight
         m2 += tile_m2 + delta * delta * count * weight
         count = total
+    partials_ptr = workspace_ptr + 2 * C
     out = tl.program_id(1) * C + cols
-    tl.store(part_ptr + out, mean, mask=col_mask)
-    tl.store(part_ptr + tl.num_programs(1) * C + out, m2, mask=col_mask)
+    tl.store(partials_ptr + out, mean, mask=col_mask)
+    tl.store(partials_ptr + tl.num_programs(1) * C + out, m2, mask=col_mask)
 
 
 @triton.jit
@@ -72,7 +73,7 @@ def normalize_kernel(
     x_ptr,  # input
     y_ptr,  # out: act((x - mean) * rstd * weight + bias [+ residual]), in the output dtype
     residual_ptr,  # residual added before the activation (read when HAS_RESIDUAL)
-    stats_ptr,  # training: the moments' partials; mean and rstd are stored after them (STATS == BATCH)
+    stats_ptr,  # the workspace: out [2, C] mean and rstd, then the moments' partials (STATS == BATCH)
     weight_ptr, bias_ptr,  # [C] affine parameters (read when HAS_WEIGHT / HAS_BIAS)
     running_mean_ptr, running_var_ptr,  # [C] folded in eval (STATS == RUNNING), updated when UPDATE_RUNNING
     eps_hi, eps_lo,  # eps as a float32 head and tail
@@ -90,19 +91,19 @@ def normalize_kernel(
     UPDATE_RUNNING: tl.constexpr,  # fold the batch statistics into the running ones (program split 0)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr,  # activation id, see activations.py
+    SPLIT_BLOCK: tl.constexpr,  # partial splits merged per step
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # tile shape
     ROWS_I64: tl.constexpr,  # row indices need int64
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     cols, col_mask = channel_block(C, BLOCK_C)
     if STATS == BATCH:
-        count, mean, m2 = merge_moments(stats_ptr, C, cols, col_mask, num_moment_splits, moment_rows_per_split,
-                                        last_moment_split_rows, BLOCK_C, COMPUTE)
+        count, mean, m2 = merge_moments(stats_ptr + 2 * C, C, cols, col_mask, num_moment_splits, moment_rows_per_split,
+                                        last_moment_split_rows, SPLIT_BLOCK, BLOCK_C, COMPUTE)
         rstd = 1.0 / tl.sqrt(m2 / count + scalar(eps_hi, eps_lo, mean))
         if tl.program_id(1) == 0:
-            stats_out = stats_ptr + 2 * num_moment_splits * C
-            tl.store(stats_out + cols, mean, mask=col_mask)
-            tl.store(stats_out + C + cols, rstd, mask=col_mask)
+            tl.store(stats_ptr + cols, mean, mask=col_mask)
+            tl.store(stats_ptr + C + cols, rstd, mask=col_mask)
             if UPDATE_RUNNING:
                 momentum = scalar(momentum_hi, momentum_lo, mean)
                 running_mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
@@ -164,9 +165,9 @@ class ForwardPlan:
         self.training = training
         self.update_running = training and running_mean is not None
         self.dense_running = running_mean is None or running_mean.stride() == (1,)
-        self.tiling = tiling = Tiling(self.R, self.C, self.x_ncs[1] == 1, x.device)
-        self.workspace_numel = 2 * tiling.num_splits * self.C + 2 * self.C  # partials, then mean and rstd
-        self.stats_offset = 2 * tiling.num_splits * self.C
+        self.tiling = tiling = Tiling(self.R, self.C, self.x_ncs[1] == 1, x.device, x.element_size(),
+                                      torch.finfo(self.stats_dtype).bits // 8)
+        self.workspace_numel = 2 * self.C + 2 * tiling.num_splits * self.C  # mean and rstd, then the partials
         self.activation_id = activation_id
         self.backward_plans = {}
         index = device_index(x.device)
@@ -178,10 +179,10 @@ class ForwardPlan:
             self.R, self.C, self.S, *self.x_ncs, *ncs_strides(shape, self.out_stride), *r_ncs,
             tiling.rows_per_split, tiling.num_splits, tiling.rows_per_split, tiling.last_split_rows,
             (BATCH if training else RUNNING).value, self.update_running, weight is not None, bias is not None,
-            residual is not None, activation_id, *tile)
+            residual is not None, activation_id, tiling.split_block, *tile)
 
     def __call__(self, x, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope):
-        """(y, the workspace holding the batch's mean and rstd from ``stats_offset`` on; None in eval)."""
+        """(y, the workspace that begins with the batch's mean and rstd; None in eval)."""
         if self.copy_input:
             x = x.contiguous()
         if self.copy_residual:

@@ -26,7 +26,7 @@ def _addressable(t):
 
 def _tiling(x, x_ncs):
     R = x.shape[0] * spatial_size(x.shape)
-    return R, Tiling(R, x.shape[1], x_ncs[1] == 1, x.device)
+    return R, Tiling(R, x.shape[1], x_ncs[1] == 1, x.device, x.element_size(), 8 if x.dtype == torch.float64 else 4)
 
 
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,13 +34,13 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x, x_ncs = _addressable(x)
     R, tiling = _tiling(x, x_ncs)
     C = x.shape[1]
-    partials = torch.empty((2, tiling.num_splits, C), dtype=stats_dtype(x.dtype), device=x.device)
-    moments_partial_kernel[tiling.grid](x, partials, R, C, spatial_size(x.shape), *x_ncs, tiling.rows_per_split,
+    workspace = torch.empty((2 + 2 * tiling.num_splits, C), dtype=stats_dtype(x.dtype), device=x.device)
+    moments_partial_kernel[tiling.grid](x, workspace, R, C, spatial_size(x.shape), *x_ncs, tiling.rows_per_split,
                                         tiling.block_r, tiling.block_c, tiling.rows_i64, compute_dtype(x.dtype),
                                         num_warps=tiling.num_warps)
-    counts = torch.full((tiling.num_splits, 1), float(tiling.rows_per_split), dtype=partials.dtype, device=x.device)
+    counts = torch.full((tiling.num_splits, 1), float(tiling.rows_per_split), dtype=workspace.dtype, device=x.device)
     counts[-1] = tiling.last_split_rows
-    means, m2s = partials
+    means, m2s = workspace[2:].view(2, tiling.num_splits, C)  # after the [2, C] the normalise kernel would write
     mean = (counts * means).sum(0) / R  # Chan et al.: exact merge of the splits' (count, mean, M2)
     return mean, (m2s + counts * (means - mean).square()).sum(0)
 
@@ -57,7 +57,7 @@ def normalize_act(x, mean, rstd, weight, bias, activation, negative_slope, resid
         x, y, residual, stats, _or(weight, x), _or(bias, x), x, x, 0.0, 0.0, 0.0, 0.0, *split_float(negative_slope),
         R, x.shape[1], spatial_size(x.shape), *x_ncs, *ncs_strides(y.shape, y.stride()), *r_ncs,
         tiling.rows_per_split, 1, 1, 1, GIVEN.value, False, weight is not None, bias is not None,
-        r_ncs is not _NO_STRIDES, ACTIVATION_IDS[activation], tiling.block_r, tiling.block_c, tiling.rows_i64,
+        r_ncs is not _NO_STRIDES, ACTIVATION_IDS[activation], 1, tiling.block_r, tiling.block_c, tiling.rows_i64,
         compute_dtype(x.dtype), num_warps=tiling.num_warps)
     return y
 
@@ -84,7 +84,7 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope,
     partials = torch.empty((2, tiling.num_splits, C), dtype=stats_dtype(x.dtype), device=x.device)
     backward_reduce_kernel[tiling.grid](
         dy, x, _or(residual, x), torch.stack([mean, rstd]), _or(weight, x), _or(bias, x), x, x, partials, x,
-        0.0, 0.0, *split_float(negative_slope), 0, R, C, spatial_size(x.shape), *dy_ncs, *x_ncs, *r_ncs,
+        0.0, 0.0, *split_float(negative_slope), R, C, spatial_size(x.shape), *dy_ncs, *x_ncs, *r_ncs,
         *_NO_STRIDES, tiling.rows_per_split, GIVEN.value, weight is not None, bias is not None, residual is not None,
         False, ACTIVATION_IDS[activation], tiling.block_r, tiling.block_c, tiling.rows_i64, compute_dtype(x.dtype),
         num_warps=tiling.num_warps)
@@ -101,10 +101,10 @@ def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, 
     dz = torch.empty_like(x, dtype=dy.dtype) if residual is not None else None
     backward_input_kernel[tiling.grid](
         dy, x, _or(residual_read, x), torch.stack([mean, rstd]), _or(weight, x), _or(bias, x), x, x,
-        torch.stack([sum_dz, sum_dz_xhat]), dx, _or(dz, x), x, x, 0.0, 0.0, *split_float(negative_slope), 0, count,
+        torch.stack([sum_dz, sum_dz_xhat]), dx, _or(dz, x), x, x, 0.0, 0.0, *split_float(negative_slope), count,
         1, R, x.shape[1], spatial_size(x.shape), *dy_ncs, *x_ncs, *r_ncs, *ncs_strides(dx.shape, dx.stride()),
         *(ncs_strides(dz.shape, dz.stride()) if dz is not None else _NO_STRIDES), tiling.rows_per_split,
         GIVEN.value, GIVEN.value, training, weight is not None, bias is not None, residual_read is not None, True,
-        dz is not None, False, False, False, ACTIVATION_IDS[activation], tiling.block_r, tiling.block_c,
+        dz is not None, False, False, False, ACTIVATION_IDS[activation], 1, tiling.block_r, tiling.block_c,
         tiling.rows_i64, compute_dtype(x.dtype), num_warps=tiling.num_warps)
     return dx, dz

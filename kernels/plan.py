@@ -17,6 +17,10 @@ _TILE_ELEMENTS = {"cuda": 4096, "cpu": 512}
 _PROGRAMS_PER_SM = 4
 _CPU_PROGRAMS = 32
 _MAX_CHANNEL_BLOCK = {"cuda": 64, "cpu": 16}
+# Every program of a direction's second kernel reads all the partials of its channels: splits^2 * C pairs
+# in all. Capping the splits keeps those (L2-resident) reads under this fraction of the tensor's bytes.
+_MERGE_READ_BUDGET = 0.05
+_MERGE_TILE = {"cuda": 2048, "cpu": 32}  # partials merged per step, [SPLIT_BLOCK, BLOCK_C]
 
 
 @functools.cache
@@ -42,7 +46,8 @@ def _next_power_of_2(n: int) -> int:
 class Tiling:
     """Tile shape and the split of the R = N*S rows across programs, shared by a call's kernels."""
 
-    def __init__(self, R: int, C: int, channels_contiguous: bool, device: torch.device):
+    def __init__(self, R: int, C: int, channels_contiguous: bool, device: torch.device, element_size: int = 4,
+                 stats_size: int = 4):
         kind = "cuda" if device.type == "cuda" else "cpu"
         R = max(R, 1)  # an empty batch launches nothing, but the shapes below stay valid
         tile = _TILE_ELEMENTS[kind]
@@ -55,12 +60,14 @@ class Tiling:
         self.channel_blocks = _cdiv(max(C, 1), self.block_c)
         index = device_index(device)
         programs = _CPU_PROGRAMS if index is None else _PROGRAMS_PER_SM * _multiprocessor_count(index)
-        splits = max(1, min(_cdiv(R, self.block_r), programs // self.channel_blocks))
+        merge_cap = math.isqrt(int(_MERGE_READ_BUDGET * R * element_size / (2 * stats_size)))
+        splits = max(1, min(_cdiv(R, self.block_r), programs // self.channel_blocks, merge_cap))
         self.rows_per_split = _cdiv(_cdiv(R, splits), self.block_r) * self.block_r
         self.num_splits = _cdiv(R, self.rows_per_split)
         self.last_split_rows = R - (self.num_splits - 1) * self.rows_per_split
         # The last split's end row and tile must stay inside int32, or the kernels index in int64.
         self.rows_i64 = self.num_splits * self.rows_per_split + self.block_r >= 2**31
+        self.split_block = min(_next_power_of_2(self.num_splits), max(1, _MERGE_TILE[kind] // self.block_c))
         self.grid = (self.channel_blocks, self.num_splits)
         self.num_warps = 4 if self.block_r * self.block_c <= 2048 else 8
 

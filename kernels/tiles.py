@@ -50,39 +50,48 @@ def scalar(hi, lo, like):
 
 @triton.jit
 def merge_moments(part_ptr, C, cols, col_mask, num_splits, rows_per_split, last_split_rows,
-                  BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
+                  SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
     """(count, mean, M2) of the channels ``cols`` from the per-split partials written by
     ``moments_partial_kernel`` at ``part_ptr`` (means, then M2s, each [num_splits, C]).
 
-    Merged with Chan et al.'s formula in split order, the same way in every program that merges, so
-    every program gets bitwise the same statistics: no atomics, no second kernel.
+    The parallel-variance merge, M2 = sum of (M2_i + n_i (mean_i - mean)^2), in one pass of
+    [SPLIT_BLOCK, BLOCK_C] tiles, with the deviations taken from split 0's mean (exact for large means, as
+    every split's mean is close to it). Every program merges the same way, so all get bitwise the same
+    statistics: no atomics, no finalizing launch.
     """
-    count = tl.zeros([BLOCK_C], dtype=COMPUTE)
-    mean = tl.zeros([BLOCK_C], dtype=COMPUTE)
-    m2 = tl.zeros([BLOCK_C], dtype=COMPUTE)
-    m2_ptr = part_ptr + num_splits * C
-    for split in range(0, num_splits):
-        split_count = tl.where(split == num_splits - 1, last_split_rows, rows_per_split).to(COMPUTE)
-        split_mean = tl.load(part_ptr + split * C + cols, mask=col_mask, other=0.0).to(COMPUTE)
-        split_m2 = tl.load(m2_ptr + split * C + cols, mask=col_mask, other=0.0).to(COMPUTE)
-        total = count + split_count
-        delta = split_mean - mean
-        weight = split_count / total
-        mean += delta * weight
-        m2 += split_m2 + delta * delta * count * weight
-        count = total
-    return count, mean, m2
+    shift = tl.load(part_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
+    sum_dev = tl.zeros([BLOCK_C], dtype=COMPUTE)  # sum of n_i (mean_i - shift)
+    sum_sq = tl.zeros([BLOCK_C], dtype=COMPUTE)  # sum of M2_i + n_i (mean_i - shift)^2
+    for first in range(0, num_splits, SPLIT_BLOCK):
+        splits = first + tl.arange(0, SPLIT_BLOCK)
+        split_mask = splits < num_splits
+        counts = tl.where(splits == num_splits - 1, last_split_rows, rows_per_split).to(COMPUTE)
+        counts = tl.where(split_mask, counts, 0.0)
+        offsets = splits[:, None] * C + cols[None, :]
+        mask = split_mask[:, None] & col_mask[None, :]
+        means = tl.load(part_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+        m2s = tl.load(part_ptr + num_splits * C + offsets, mask=mask, other=0.0).to(COMPUTE)
+        deviation = tl.where(mask, means - shift[None, :], 0.0)
+        sum_dev += tl.sum(counts[:, None] * deviation, axis=0)
+        sum_sq += tl.sum(m2s + counts[:, None] * deviation * deviation, axis=0)
+    count = (tl.zeros([BLOCK_C], dtype=COMPUTE) + (num_splits - 1)) * rows_per_split + last_split_rows
+    offset = sum_dev / count
+    return count, shift + offset, sum_sq - sum_dev * offset
 
 
 @triton.jit
-def sum_partials(part_ptr, C, cols, col_mask, num_splits, BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
-    """Totals of two per-channel quantities from [2, num_splits, C] partials, added in split order."""
+def sum_partials(part_ptr, C, cols, col_mask, num_splits, SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                 COMPUTE: tl.constexpr):
+    """Totals of two per-channel quantities from [2, num_splits, C] partials, in [SPLIT_BLOCK, BLOCK_C]
+    tiles, the same way in every program."""
     sum_a = tl.zeros([BLOCK_C], dtype=COMPUTE)
     sum_b = tl.zeros([BLOCK_C], dtype=COMPUTE)
-    b_ptr = part_ptr + num_splits * C
-    for split in range(0, num_splits):
-        sum_a += tl.load(part_ptr + split * C + cols, mask=col_mask, other=0.0).to(COMPUTE)
-        sum_b += tl.load(b_ptr + split * C + cols, mask=col_mask, other=0.0).to(COMPUTE)
+    for first in range(0, num_splits, SPLIT_BLOCK):
+        splits = first + tl.arange(0, SPLIT_BLOCK)
+        offsets = splits[:, None] * C + cols[None, :]
+        mask = (splits < num_splits)[:, None] & col_mask[None, :]
+        sum_a += tl.sum(tl.load(part_ptr + offsets, mask=mask, other=0.0).to(COMPUTE), axis=0)
+        sum_b += tl.sum(tl.load(part_ptr + num_splits * C + offsets, mask=mask, other=0.0).to(COMPUTE), axis=0)
     return sum_a, sum_b
 
 

@@ -57,3 +57,16 @@ def test_cpu_reference_is_a_context_variable():
             assert not tritonbn.uses_kernels(x)
         assert not tritonbn.uses_kernels(x)
     assert tritonbn.uses_kernels(x) == before
+
+
+def test_variable_set_after_triton_itself_was_imported():
+    """Triton's own library was then compiled, and interpreted kernels cannot call it: not interpreted."""
+    out = _run("""
+        import os, torch, triton, tritonbn
+        os.environ["TRITON_INTERPRET"] = "1"
+        x = torch.randn(4, 3, 2, 2)
+        y = tritonbn.batch_norm_act(x, None, None, training=True)
+        ref = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
+        print(tritonbn.uses_kernels(x), torch.allclose(y, ref, atol=1e-5))
+    """, interpret=None)
+    assert out == "False True"

@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.backends.common import aot_autograd
 
 import tritonbn
 
@@ -54,7 +55,10 @@ class GraphRecorder:
         return graph_module.forward
 
     def targets(self):
-        return {str(node.target) for graph in self.graphs for node in graph.graph.nodes}
+        """Every op called, those that mutate included (functionalization wraps them, op first)."""
+        nodes = [node for graph in self.graphs for node in graph.graph.nodes]
+        return {str(node.target) for node in nodes} | {
+            str(node.args[0]) for node in nodes if str(node.target).startswith("auto_functionalized")}
 
 
 def run_steps(model, inputs):
@@ -98,10 +102,12 @@ def test_no_graph_breaks_and_kernel_ops_in_the_graph(device, training):
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, device=device)
     explanation = torch._dynamo.explain(copy.deepcopy(model))(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    recorder = GraphRecorder()
-    torch.compile(model, backend=recorder, fullgraph=True)(x)
-    assert "tritonbn.normalize_act.default" in recorder.targets()
-    assert ("tritonbn.batch_stats.default" in recorder.targets()) == training
+    forward_graphs, backward_graphs = GraphRecorder(), GraphRecorder()
+    backend = aot_autograd(fw_compiler=forward_graphs, bw_compiler=backward_graphs)
+    torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
+    # The same two ops eager runs (its plans and launchers), one each way per fused layer.
+    assert "tritonbn.forward.default" in forward_graphs.targets()
+    assert "tritonbn.backward.default" in backward_graphs.targets()
 
 
 def test_reference_path_compiles_natively():

@@ -141,18 +141,25 @@ def test_compile_of_a_permuted_input(device):
     torch.testing.assert_close(torch.autograd.grad(y, x, grad), torch.autograd.grad(expected, x_eager, grad))
 
 
-def test_opcheck_of_the_custom_ops(device):
-    """torch.library.opcheck: fake and real implementations agree on every layout, autograd registration."""
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_of_the_custom_ops(device, training):
+    """torch.library.opcheck: fake and real implementations agree (strides included) on every layout."""
     from tritonbn import ops
 
     x = torch.randn(3, 4, 5, 6, device=device, dtype=torch.float64)
+    checks = ("test_schema", "test_faketensor")
     for layout in (x, x.transpose(2, 3), x.to(memory_format=torch.channels_last), x[:, :, ::2]):
-        mean = layout.mean((0, 2, 3))
-        rstd = layout.var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
-        weight = torch.rand(4, device=device, dtype=torch.float64, requires_grad=True)
-        args = (layout.detach().requires_grad_(), mean, rstd, weight, None, None, "relu", 0.01, False)
-        torch.library.opcheck(ops.normalize_act, args, test_utils=("test_schema", "test_faketensor",
-                                                                   "test_autograd_registration"))
+        weight = torch.rand(4, device=device, dtype=torch.float64)
+        bias = torch.randn(4, device=device, dtype=torch.float64)
+        residual = torch.randn_like(layout)
+        running = (torch.randn(4, device=device, dtype=torch.float64),
+                   torch.rand(4, device=device, dtype=torch.float64) + 0.5)
+        args = (layout, weight, bias, residual, *running, training, 0.1, 1e-5, "silu", 0.01)
+        torch.library.opcheck(ops.forward, args, test_utils=checks)
+        _, stats = ops.forward(*args)
+        grad = torch.randn_like(layout).transpose(0, 1).contiguous().transpose(0, 1)  # another layout than y's
+        torch.library.opcheck(ops.backward, (grad, layout, stats, weight, bias, residual, *running, training, 1e-5,
+                                             "silu", 0.01, [True, True, True, True]), test_utils=checks)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

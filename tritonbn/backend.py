@@ -23,8 +23,15 @@ def _env_asks_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-# torch.compile bakes both answers into the graph it traces (they are fixed, or scoped to the caller).
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """torch.compiler.assume_constant_result without importing torch._dynamo (seconds) at import: the mark
+    it sets. torch.compile then bakes the answer into the graph it traces, as both answers here are fixed
+    for the process or scoped to the caller."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def kernels_interpreted() -> bool:
     """Whether tritonbn's Triton kernels run under Triton's interpreter (fixed for the process)."""
     if not _interpreted:
@@ -42,7 +49,7 @@ def uses_kernels(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and kernels_interpreted() and not _reference_forced()
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def _reference_forced() -> bool:
     return _forced_reference.get()
 

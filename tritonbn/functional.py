@@ -31,30 +31,45 @@ def _composite_only() -> bool:
             or torch.jit.is_tracing())
 
 
-def prepare(input, running_mean, running_var, weight, bias, residual, training, eps, activation, *,
-            check_batch_size=True):
+def prepare(input, running_mean, running_var, weight, bias, residual, training, eps, activation):
     """Check a call's arguments (a clear error, before any state changes) and return its kernel plan, or
     None where the call runs the PyTorch reference or, inside torch.compile, the custom ops."""
     check_tensor_types(input, running_mean, running_var, weight, bias, residual)
     check_eps(eps, training)
     if torch.compiler.is_compiling() or not uses_kernels(input) or _composite_only():
         check_activation(activation)
-        check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training,
-                              check_batch_size=check_batch_size)
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
         return None
-    key = (input.shape, input.stride(), input.dtype, input.device, _layout(weight), _layout(bias), _layout(residual),
-           _layout(running_mean), _layout(running_var), training, activation, check_batch_size)
+    key = _plan_key(input, weight, bias, residual, running_mean, running_var, training, activation)
     plan = _PLANS.get(key)
     if plan is None:  # the checks depend only on what the key holds, so a cached plan was checked already
         check_activation(activation)
-        check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training,
-                              check_batch_size=check_batch_size)
-        from . import kernels
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
+        plan = _new_plan(key, input, weight, bias, residual, running_mean, training, activation)
+    return plan
 
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[key] = kernels.ForwardPlan(input, weight, bias, residual, running_mean, training,
-                                                 kernels.ACTIVATION_IDS[activation])
+
+def plan_for(input, weight, bias, residual, running_mean, running_var, training, activation):
+    """The kernels' forward plan for arguments already checked (the custom ops' way in)."""
+    key = _plan_key(input, weight, bias, residual, running_mean, running_var, training, activation)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _new_plan(key, input, weight, bias, residual, running_mean, training, activation)
+    return plan
+
+
+def _plan_key(input, weight, bias, residual, running_mean, running_var, training, activation):
+    return (input.shape, input.stride(), input.dtype, input.device, _layout(weight), _layout(bias),
+            _layout(residual), _layout(running_mean), _layout(running_var), training, activation)
+
+
+def _new_plan(key, input, weight, bias, residual, running_mean, training, activation):
+    from . import kernels
+
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    plan = _PLANS[key] = kernels.ForwardPlan(input, weight, bias, residual, running_mean, training,
+                                             kernels.ACTIVATION_IDS[activation])
     return plan
 
 
@@ -65,8 +80,9 @@ def run(plan, input, running_mean, running_var, weight, bias, training, momentum
         return BatchNormActFunction.apply(input, weight, bias, residual, running_mean, running_var, training,
                                           momentum, eps, activation, negative_slope, plan)
     if torch.compiler.is_compiling() and uses_kernels(input):  # custom ops: no graph break
-        return ops.batch_norm_act(input, running_mean, running_var, weight, bias, bool(training), float(momentum),
-                                  float(eps), activation, float(negative_slope), residual)
+        return ops.CompiledBatchNormAct.apply(input, weight, bias, residual, running_mean, running_var,
+                                              bool(training), float(momentum), float(eps), activation,
+                                              float(negative_slope))
     return reference.batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                     activation, negative_slope, residual)
 

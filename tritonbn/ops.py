@@ -1,118 +1,96 @@
-"""The fused kernels as torch.library custom ops, so torch.compile sees one opaque op, not a graph break.
+"""The fused op as torch.library custom ops, so torch.compile sees it without a graph break.
 
-Eager code keeps using ``BatchNormActFunction`` (cheaper to call); ``tritonbn.functional`` routes the
-kernel path here only while torch.compile traces.  Every op has a fake implementation (shapes and
-dtypes without running a kernel).  ``batch_stats`` updates the running statistics in place, which
-``mutates_args`` declares, so a compiled step updates them once; an op that mutates cannot carry an
-autograd formula, so the gradient lives on ``normalize_act``, whose formula differentiates through the
-batch statistics in training.  Importing this module registers the ops; it imports no Triton until an
-op runs.
+``tritonbn::forward`` and ``tritonbn::backward`` run the very plans and launchers eager calls run (two
+launches each way, the running statistics updated inside the forward kernel, dz written once and read back
+with a residual). While torch.compile traces, ``tritonbn.functional`` routes the kernel path through
+``CompiledBatchNormAct``, an autograd Function made of the two ops: an op that mutates (the forward updates
+the running statistics, which ``mutates_args`` declares, so a compiled step updates them once) cannot carry
+an autograd formula itself. Every op has a fake implementation that promises exactly the strides the
+kernels produce. Importing this module registers the ops; it imports no Triton until an op runs.
 """
 
 import torch
 from torch import Tensor
 
-from .reference import compute_dtype, update_running_stats
-
-
-def _channel_stats_like(x: Tensor) -> Tensor:
-    return x.new_empty(x.shape[1], dtype=compute_dtype(x))
-
-
-@torch.library.custom_op("tritonbn::batch_stats", mutates_args=("running_mean", "running_var"))
-def batch_stats(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
-                eps: float) -> tuple[Tensor, Tensor]:
-    """Batch (mean, rstd) per channel; updates the running statistics (unbiased variance) when given.
-
-    No autograd formula: ops that mutate cannot have one.  ``normalize_act``'s formula with
-    ``training=True`` already differentiates through the statistics, so callers pass a detached input.
-    """
-    from .kernels import grouped
-
-    mean, m2 = grouped.channel_moments(input)
-    count = input.numel() // input.shape[1]
-    update_running_stats(running_mean, running_var, mean, m2, count, momentum)
-    return mean, torch.rsqrt(m2 / max(count, 1) + eps)
-
-
-@batch_stats.register_fake
-def _(input, running_mean, running_var, momentum, eps):
-    return _channel_stats_like(input), _channel_stats_like(input)
-
-
-@torch.library.custom_op("tritonbn::normalize_act", mutates_args=())
-def normalize_act(input: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
-                  residual: Tensor | None, activation: str, negative_slope: float, training: bool) -> Tensor:
-    """act((input - mean) * rstd * weight + bias [+ residual]); ``training`` says whether mean and rstd
-    are the batch's own statistics, which the gradient of ``input`` then accounts for."""
-    from .kernels import grouped
-
-    return grouped.normalize_act(input, mean, rstd, weight, bias, activation, negative_slope, residual)
-
 
 def _output_like(input: Tensor, dtype: torch.dtype) -> Tensor:
-    """A new tensor with the strides the kernels give their output for ``input`` (see ``output_layout``)."""
+    """A new tensor with the strides the kernels give their outputs for ``input`` (see ``output_layout``)."""
     from .kernels.plan import output_layout
 
     return input.new_empty_strided(input.shape, output_layout(input.shape, input.stride())[0], dtype=dtype)
 
 
-@normalize_act.register_fake
-def _(input, mean, rstd, weight, bias, residual, activation, negative_slope, training):
-    out_dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
-    return _output_like(input, out_dtype)
+def _out_dtype(input: Tensor, residual: Tensor | None) -> torch.dtype:
+    return input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
+
+
+@torch.library.custom_op("tritonbn::forward", mutates_args=("running_mean", "running_var"))
+def forward(input: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+            running_mean: Tensor | None, running_var: Tensor | None, training: bool, momentum: float, eps: float,
+            activation: str, negative_slope: float) -> tuple[Tensor, Tensor]:
+    """(output, stats): the batch's mean and rstd, [2 * C], for backward (empty in eval)."""
+    from .functional import plan_for
+
+    plan = plan_for(input, weight, bias, residual, running_mean, running_var, training, activation)
+    output, workspace = plan(input, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope)
+    return output, input.new_empty(0) if workspace is None else workspace[: 2 * input.shape[1]]
+
+
+@forward.register_fake
+def _(input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
+      negative_slope):
+    stats_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    stats = input.new_empty(2 * input.shape[1] if training else 0, dtype=stats_dtype)
+    return _output_like(input, _out_dtype(input, residual)), stats
 
 
 @torch.library.custom_op("tritonbn::backward", mutates_args=())
-def backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
-             bias: Tensor | None, residual: Tensor | None, activation: str, negative_slope: float,
-             training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad input, sum of dz * xhat, sum of dz, grad residual); the last is empty without a residual.
+def backward(grad_output: Tensor, input: Tensor, workspace: Tensor, weight: Tensor | None, bias: Tensor | None,
+             residual: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None, training: bool,
+             eps: float, activation: str, negative_slope: float, needs: list[bool]) -> list[Tensor]:
+    """[grad input, grad weight, grad bias, grad residual]; an empty tensor for each gradient not wanted
+    (``needs`` says which are), since ops cannot return None."""
+    from . import kernels
+    from .functional import plan_for
 
-    The sums are the weight and bias gradients.  Ops cannot return None, hence the empty tensor.
-    """
-    from .kernels import grouped
-
-    args = (grad_output, input, mean, rstd, weight, bias, activation, negative_slope, residual)
-    sum_dz, sum_dz_xhat = grouped.backward_reduce(*args)
-    count = input.numel() // input.shape[1] if input.shape[1] else 0
-    grad_input, grad_residual = grouped.backward_input(*args, sum_dz, sum_dz_xhat, count, training)
-    if grad_residual is None:
-        grad_residual = input.new_empty(0)
-    return grad_input, sum_dz_xhat, sum_dz, grad_residual
+    plan = plan_for(input, weight, bias, residual, running_mean, running_var, training, activation)
+    saved_residual = residual if activation != "identity" else None
+    stats = workspace if training else None
+    grads = kernels.backward_plan(plan, grad_output, weight, bias, saved_residual, tuple(needs))(
+        grad_output, input, stats, weight, bias, saved_residual, running_mean, running_var, eps, negative_slope)
+    # The identity's residual gradient is grad_output itself: an op may not return an alias of its input.
+    return [input.new_empty(0) if grad is None else grad.clone() if grad is grad_output else grad for grad in grads]
 
 
 @backward.register_fake
-def _(grad_output, input, mean, rstd, weight, bias, residual, activation, negative_slope, training):
-    grad_residual = _output_like(input, grad_output.dtype) if residual is not None else input.new_empty(0)
-    return _output_like(input, input.dtype), torch.empty_like(mean), torch.empty_like(mean), grad_residual
+def _(grad_output, input, workspace, weight, bias, residual, running_mean, running_var, training, eps, activation,
+      negative_slope, needs):
+    need_input, need_weight, need_bias, need_residual = needs
+    return [_output_like(input, input.dtype) if need_input else input.new_empty(0),
+            torch.empty_like(weight) if need_weight else input.new_empty(0),
+            torch.empty_like(bias) if need_bias else input.new_empty(0),
+            _output_like(input, grad_output.dtype) if need_residual else input.new_empty(0)]
 
 
-def _setup_normalize_act(ctx, inputs, output):
-    input, mean, rstd, weight, bias, residual, activation, negative_slope, training = inputs
-    ctx.save_for_backward(input, mean, rstd, weight, bias, residual)
-    ctx.activation, ctx.negative_slope, ctx.training = activation, negative_slope, training
+class CompiledBatchNormAct(torch.autograd.Function):
+    """What ``BatchNormActFunction`` computes, made of the two custom ops for torch.compile to trace."""
 
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
+                negative_slope):
+        output, workspace = torch.ops.tritonbn.forward(input, weight, bias, residual, running_mean, running_var,
+                                                       training, momentum, eps, activation, negative_slope)
+        ctx.save_for_backward(input, workspace, weight, bias, residual, running_mean, running_var)
+        ctx.options = (training, eps, activation, negative_slope)
+        return output
 
-def _backward_normalize_act(ctx, grad_output):
-    input, mean, rstd, weight, bias, residual = ctx.saved_tensors
-    grad_input, sum_dz_xhat, sum_dz, grad_residual = backward(
-        grad_output, input, mean, rstd, weight, bias, residual, ctx.activation, ctx.negative_slope, ctx.training)
-    grad_weight = None if weight is None else sum_dz_xhat.to(weight.dtype)
-    grad_bias = None if bias is None else sum_dz.to(bias.dtype)
-    grad_residual = None if residual is None else grad_residual
-    return grad_input, None, None, grad_weight, grad_bias, grad_residual, None, None, None
-
-
-normalize_act.register_autograd(_backward_normalize_act, setup_context=_setup_normalize_act)
-
-
-def batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-                   negative_slope, residual):
-    """What ``BatchNormActFunction.apply`` computes, through the custom ops (arguments already checked)."""
-    if training:
-        mean, rstd = batch_stats(input.detach(), running_mean, running_var, momentum, eps)
-    else:
-        mean = running_mean.to(compute_dtype(input))
-        rstd = torch.rsqrt(running_var.to(compute_dtype(input)) + eps)
-    return normalize_act(input, mean, rstd, weight, bias, residual, activation, negative_slope, training)
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, workspace, weight, bias, residual, running_mean, running_var = ctx.saved_tensors
+        training, eps, activation, negative_slope = ctx.options
+        needs = [bool(need) and tensor is not None
+                 for need, tensor in zip(ctx.needs_input_grad[:4], (input, weight, bias, residual))]
+        grads = torch.ops.tritonbn.backward(grad_output, input, workspace, weight, bias, residual, running_mean,
+                                            running_var, training, eps, activation, negative_slope, needs)
+        grads = [grad if need else None for grad, need in zip(grads, needs)]
+        return (*grads, None, None, None, None, None, None, None)
