@@ -1,18 +1,28 @@
-"""`tritonbn-perf`: sweep, report, traffic, step and impact subcommands.
+"""`tritonbn-perf`: sweep, report, traffic, step, impact and readme subcommands.
 
-Parsing imports nothing heavy, and on a CPU TRITON_INTERPRET=1 is set before triton is first imported,
-so the kernels run under the interpreter. A bad flag or value ends with one line on stderr and exit
-status 2, never a traceback.
+A bad flag or value, an output that cannot be written or an input CSV that cannot be used ends with one
+line on stderr and exit status 2, never a traceback. Outputs are checked before anything is measured, so
+a long run is never lost to an unwritable path.
+
+Which code runs CPU tensors is tritonbn.backend's decision, made once per process as Triton makes it:
+Triton's interpreter when TRITON_INTERPRET=1 is set before Triton is imported, the PyTorch reference path
+otherwise (a GPU machine's compiled kernels cannot read CPU memory). A CPU run of sweep, step or traffic
+asks for the interpreter while Triton is not loaded yet (importing tritonbn does not load it); every row
+names the path that ran.
 """
 
 import argparse
-import dataclasses
 import os
 import sys
+from pathlib import Path
 
 MODES = ("fwd", "bwd", "fwd_bwd", "eval")
 DTYPES = ("fp32", "fp16", "bf16", "fp64")
 LAYOUTS = ("nchw", "nhwc")
+
+
+class UsageError(Exception):
+    """What the command was asked to do cannot be done (an unwritable output, a foreign CSV): exit status 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -54,12 +64,14 @@ def _positive(text):
     return value
 
 
-def _activations():
-    # The pinned list of tritonbn.ACTIVATIONS, read from the package when it provides it.
-    import tritonbn
+def _positives(text):
+    return tuple(_positive(item) for item in text.split(","))
 
-    return tuple(getattr(tritonbn, "ACTIVATIONS", (
-        "identity", "relu", "leaky_relu", "relu6", "elu", "silu", "gelu", "hardswish")))
+
+def _activations():
+    from tritonbn import ACTIVATIONS
+
+    return tuple(ACTIVATIONS)
 
 
 def _flatten(lists):
@@ -68,7 +80,8 @@ def _flatten(lists):
 
 def _add_device(parser):
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
-                        help="default: cuda when available, else cpu (kernels under the Triton interpreter)")
+                        help="default: cuda when available, else cpu (the kernels under Triton's interpreter, "
+                             "unless Triton was already loaded compiled: then the PyTorch reference path)")
 
 
 def _add_sweep(sub):
@@ -104,7 +117,8 @@ def _add_report(sub):
 
 
 def _add_traffic(sub):
-    p = sub.add_parser("traffic", help="bytes each mode moves, counted under the Triton interpreter (CPU)")
+    p = sub.add_parser("traffic", help="bytes each mode moves, counted under the Triton interpreter "
+                                       "(TRITON_INTERPRET=1 in the environment)")
     p.add_argument("--shape", type=_shape, default=(8, 4, 32, 32),
                    help="activation shape; per-channel traffic is a larger share of small or wide shapes")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
@@ -115,25 +129,31 @@ def _add_traffic(sub):
 
 
 def _add_step(sub):
-    from .step import BACKENDS
+    from .models import NETWORKS
+    from .step import PRECISIONS, VARIANTS
 
-    p = sub.add_parser("step", help="share of a training step that BN+activation costs, per backend")
-    # Shape defaults: a realistic network on CUDA, a toy one on a CPU (see step.CPU_STEP_CONFIG).
-    p.add_argument("--batch", type=_positive, help="default: 64 on CUDA, 2 on a CPU")
-    p.add_argument("--width", type=_positive, help="channels of every conv and BN (default: 128 on CUDA, 8 on a CPU)")
-    p.add_argument("--size", type=_positive, help="height and width of the feature maps (default: 56 / 8)")
-    p.add_argument("--blocks", type=_positive, help="residual blocks, two BN layers each (default: 4 / 1)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="bf16/fp16 run under autocast, BN parameters in fp32")
-    p.add_argument("--layout", choices=LAYOUTS, default="nchw")
-    p.add_argument("--backend", type=_choices(BACKENDS, "backend"), default=list(BACKENDS))
+    p = sub.add_parser("step", help="a network's training step per variant, and BN+activation's share of it")
+    p.add_argument("--network", choices=tuple(NETWORKS),
+                   help="default: resnet50 on CUDA (torchvision's when importable), toy on a CPU")
+    p.add_argument("--batch", type=_positives, help="comma-separated batch sizes (default: 64,256 on CUDA, 2 on a CPU)")
+    p.add_argument("--precision", type=_choices(PRECISIONS, "precision"), default=list(PRECISIONS),
+                   help="bf16-nhwc: bf16 autocast, channels_last; fp32-nchw: fp32, contiguous")
+    p.add_argument("--variant", type=_choices(VARIANTS, "variant"), default=list(VARIANTS),
+                   help="cudagraphs = torch.compile(mode='reduce-overhead'); -fused = after tritonbn.fuse")
     _add_device(p)
-    p.add_argument("--out", default=None, help="also write the rows as CSV here")
+    p.add_argument("--out", default=None, help="also write the rows as CSV here, and their plot as <out>.png")
+
+
+def _add_readme(sub):
+    p = sub.add_parser("readme", help="rewrite README.md's results block from the GPU results in perf/results")
+    p.add_argument("--results", default="perf/results", help="folder of per-device result folders")
+    p.add_argument("--readme", default="README.md", help="the file holding the block")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when the block is out of date")
 
 
 def build_parser(command: str | None) -> Parser:
     parser = Parser(prog="tritonbn-perf", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{sweep,report,traffic,step,impact}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{sweep,report,traffic,step,impact,readme}")
     _add_sweep(sub)
     _add_report(sub)
     _add_traffic(sub)
@@ -143,27 +163,64 @@ def build_parser(command: str | None) -> Parser:
         from . import impact as impact_study
 
         impact_study.add_arguments(impact)
+    _add_readme(sub)
     return parser
 
 
-def _device(parser, name):
+def _device(name):
     import torch
 
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but CUDA is not available here")
+        raise UsageError("--device cuda, but CUDA is not available here")
     if name == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        _interpret_kernels_on_cpu()
     return torch.device(name)
 
 
-def _sweep(parser, args):
+def _interpret_kernels_on_cpu():
+    """Ask for Triton's interpreter while Triton is not loaded yet: it decides when it is first imported."""
+    if "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _writable_file(path, flag="--out") -> None:
+    from .results import check_writable_file
+
+    try:
+        check_writable_file(path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {flag} {path}: {exc.strerror or exc}") from None
+
+
+def _writable_dir(path, flag="--out") -> None:
+    from .results import check_writable_dir
+
+    try:
+        check_writable_dir(path)
+    except OSError as exc:
+        raise UsageError(f"cannot write in {flag} {path}: {exc.strerror or exc}") from None
+
+
+def _sweep_rows(path) -> list:
+    from .results import ResultsError, read_rows
+
+    try:
+        return read_rows(path)
+    except (ResultsError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _sweep(args):
     from . import sweep
     from .backends import resolve
     from .shapes import ShapeCase, preset_shapes
 
-    device = _device(parser, args.device)
+    device = _device(args.device)
+    _writable_file(args.out)
+    if os.path.isfile(args.out) and os.path.getsize(args.out):
+        _sweep_rows(args.out)  # rows are merged into it at the end: it must be a sweep CSV
     presets = _flatten(args.preset) or ([] if args.shape else ["resnet50" if device.type == "cuda" else "tiny"])
     cases = [(name, case) for name in presets for case in preset_shapes(name, args.batch)]
     cases += [("custom", ShapeCase(shape)) for shape in args.shape]
@@ -177,20 +234,27 @@ def _sweep(parser, args):
     return 0
 
 
-def _report(parser, args):
-    from pathlib import Path
-
+def _report(args):
     from .report import make_report
 
     if not os.path.isfile(args.csv):
-        parser.error(f"no such results CSV: {args.csv}")
+        raise UsageError(f"no such results CSV: {args.csv}")
+    _sweep_rows(args.csv)
     out = args.out or str(Path(args.csv).with_suffix("")) + "_report"
+    _writable_dir(out)
     print(f"wrote {make_report(args.csv, out)}")
     return 0
 
 
-def _traffic(parser, args):
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the audit counts interpreted loads and stores
+def _traffic(args):
+    if args.out:
+        _writable_file(args.out)
+    _interpret_kernels_on_cpu()
+    from tritonbn import backend
+
+    if not backend.kernels_interpreted():
+        raise UsageError("the audit counts the Triton interpreter's loads and stores, and Triton was loaded "
+                         "compiled: run it with TRITON_INTERPRET=1 in the environment")
     from . import traffic
     from .results import write_table
     from .sweep import DTYPES as TORCH_DTYPES
@@ -207,31 +271,62 @@ def _traffic(parser, args):
     return 1 if args.check and over else 0
 
 
-def _step(parser, args):
+def _step(args):
+    import dataclasses
+
     from . import step
 
-    device = _device(parser, args.device)
+    device = _device(args.device)
+    plot = Path(args.out).with_suffix(".png") if args.out else None
+    if args.out:
+        _writable_file(args.out)
+        _writable_file(plot)
     defaults = step.StepConfig() if device.type == "cuda" else step.CPU_STEP_CONFIG
-    chosen = {name: getattr(args, name) for name in ("batch", "width", "size", "blocks")}
-    cfg = dataclasses.replace(defaults, dtype=args.dtype, layout=args.layout,
-                              **{name: value for name, value in chosen.items() if value is not None})
-    rows = step.run(cfg, args.backend, device)
+    chosen = {"network": args.network, "batches": args.batch, "precisions": tuple(args.precision),
+              "variants": tuple(args.variant)}
+    cfg = dataclasses.replace(defaults, **{name: value for name, value in chosen.items() if value is not None})
+    rows = step.run(cfg, device, progress=lambda message: print(message, file=sys.stderr))
     print(step.format_table(rows))
     if args.out:
+        from .plots import plot_step
         from .results import write_table
 
         write_table(rows, args.out)
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}" + (f" and {plot}" if plot_step(rows, plot) else ""))
     return 0
 
 
-def _impact(parser, args):
+def _impact(args):
     from . import impact
 
+    _writable_dir(args.out)
     return impact.run(args) or 0
 
 
-COMMANDS = {"sweep": _sweep, "report": _report, "traffic": _traffic, "step": _step, "impact": _impact}
+def _readme(args):
+    from . import readme
+
+    path = Path(args.readme)
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    if not args.check:
+        _writable_file(path, "--readme")
+    try:
+        before, current, after = readme.split(path.read_text())
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    block = readme.results_block(Path(args.results), path.parent)
+    if args.check:
+        fresh = block == current
+        print(f"{path}: results block " + ("up to date" if fresh else "out of date: run tritonbn-perf readme"))
+        return 0 if fresh else 1
+    path.write_text(before + block + after)
+    print(f"rewrote the results block of {path}")
+    return 0
+
+
+COMMANDS = {"sweep": _sweep, "report": _report, "traffic": _traffic, "step": _step, "impact": _impact,
+            "readme": _readme}
 
 
 def main(argv=None) -> int:
@@ -245,9 +340,12 @@ def main(argv=None) -> int:
         return 2
     try:
         args = parser.parse_args(argv)
-        return COMMANDS[args.command](parser, args)
+        return COMMANDS[args.command](args)
     except SystemExit as exc:  # argparse's exits (usage errors, --help) become a return value
         return exc.code if isinstance(exc.code, int) else 2
+    except UsageError as exc:
+        print(f"tritonbn-perf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -557,11 +557,11 @@ def study_environment(device: torch.device, kernels: bool) -> Iterator[str]:
     interpreter (TRITON_INTERPRET=1 before triton is imported), which is exact but makes each run take
     minutes. On CPU, denormals are flushed to zero: late in training the tiny gradients of these nets
     turn denormal and slow CPU convolutions down some 50-fold, which would swamp every timing."""
-    from tritonbn import functional
+    from tritonbn import backend
 
-    if kernels and device.type == "cpu" and not functional.interpreter_enabled():
+    if kernels and device.type == "cpu" and not backend.kernels_interpreted():
         raise RuntimeError("--kernels on a CPU needs TRITON_INTERPRET=1 set before triton is imported")
-    path = functional.cpu_reference() if device.type == "cpu" and not kernels else contextlib.nullcontext()
+    path = backend.cpu_reference() if device.type == "cpu" and not kernels else contextlib.nullcontext()
     flushed = device.type == "cpu" and torch.set_flush_denormal(True)
     try:
         with path:
@@ -573,9 +573,9 @@ def study_environment(device: torch.device, kernels: bool) -> Iterator[str]:
 
 def describe_bn_path(device: torch.device) -> str:
     """Which path tritonbn's BN modules take for a tensor on `device` in the current context."""
-    from tritonbn import functional
+    from tritonbn import backend
 
-    if not functional._uses_kernels(torch.empty(0, device=device)):
+    if not backend.uses_kernels(torch.empty(0, device=device)):
         return "PyTorch reference path (tritonbn.reference)"
     return "fused Triton kernels" + (" under the Triton interpreter" if device.type == "cpu" else "")
 

@@ -1,137 +1,193 @@
-"""Training-step overhead: what share of a conv -> BN -> activation network's step BN+activation costs.
+"""Training-step benchmark: a ResNet-50 step with and without tritonbn, eager and compiled, and the share of
+the step that batch norm and its activation cost (the guide's "computational overhead" claim).
 
-The network is a stack of ResNet basic blocks (conv3x3 -> BN -> ReLU -> conv3x3 -> BN -> + skip -> ReLU) at
-a realistic width. One step is forward, backward (from a fixed random output gradient, so no loss op
-adds time) and an SGD update. Each backend's step is timed twice: as is, and with every BN+activation
-(and the skip add that tritonbn fuses into it) replaced by the identity. The share is
-(full - without) / full: the method is identity replacement, not a profiler, so it counts everything
-the BN layers cost the step, launches and allocator traffic included.
+Variants: `eager`; `fused` = tritonbn.fuse(model); `compile` = torch.compile(model); `compile-fused` =
+torch.compile(tritonbn.fuse(model)); and those two under CUDA graphs, torch.compile(mode="reduce-overhead"):
+`cudagraphs`, `cudagraphs-fused`. Precisions: bf16 autocast with channels_last, fp32 NCHW. A step is the
+forward pass, backward from a fixed output gradient (no loss op adds time) and an SGD update.
+
+BN + activation's share: each execution mode (eager, compile, cudagraphs) also times the same network with
+every batch norm and ReLU replaced by the identity; share = (step - without) / step. The method is identity
+replacement, not a profiler, so it counts everything those layers cost the step, launches and allocator
+traffic included; the skip adds stay in both networks.
+
+On a CPU the default network is the toy, and the compiled variants are recorded as skipped, with why.
 """
 
+import copy
 import math
+import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
+from . import models, results
 from .timing import measure, timing_label
 
-BACKENDS = ("eager", "tritonbn", "compile")
-METHOD = "identity-replacement"
-
-
-class EagerBNAct(nn.Module):
-    """nn.BatchNorm2d, then the skip add and ReLU in place, as torchvision's ResNet does."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(width)
-
-    def forward(self, x, residual=None):
-        z = self.bn(x)
-        if residual is not None:
-            z += residual
-        return torch.relu_(z)
-
-
-class NoBNAct(nn.Module):
-    """Stands in for BN+activation (and the skip add) to time the rest of the network."""
-
-    def forward(self, x, residual=None):
-        return x
-
-
-class Block(nn.Module):
-    def __init__(self, width: int, norm_act):
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.norm1, self.norm2 = norm_act(width), norm_act(width)
-
-    def forward(self, x):
-        return self.norm2(self.conv2(self.norm1(self.conv1(x))), residual=x)
-
-
-def norm_act_factory(backend: str, with_bn: bool):
-    if not with_bn:
-        return lambda width: NoBNAct()
-    if backend == "tritonbn":
-        import tritonbn
-
-        return lambda width: tritonbn.BatchNormAct2d(width, activation="relu")
-    return EagerBNAct
-
-
-def build(backend: str, with_bn: bool, width: int, blocks: int) -> nn.Module:
-    model = nn.Sequential(*(Block(width, norm_act_factory(backend, with_bn)) for _ in range(blocks)))
-    return torch.compile(model) if backend == "compile" else model
+# name -> (tritonbn.fuse applied, torch.compile mode or None)
+VARIANTS = {"eager": (False, None), "fused": (True, None), "compile": (False, "default"),
+            "compile-fused": (True, "default"), "cudagraphs": (False, "reduce-overhead"),
+            "cudagraphs-fused": (True, "reduce-overhead")}
+# name -> (autocast dtype or None, memory format)
+PRECISIONS = {"bf16-nhwc": (torch.bfloat16, torch.channels_last), "fp32-nchw": (None, torch.contiguous_format)}
+SHARE_METHOD = "identity-replacement"
 
 
 @dataclass(frozen=True)
 class StepConfig:
-    batch: int = 64
-    width: int = 128
-    size: int = 56
-    blocks: int = 4
-    dtype: str = "fp32"
-    layout: str = "nchw"
+    network: str = "resnet50"
+    batches: tuple[int, ...] = (64, 256)
+    precisions: tuple[str, ...] = tuple(PRECISIONS)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    seed: int = 0
 
 
-# The interpreter runs kernels one program at a time, so a realistic network would take hours on a CPU:
-# there the step defaults to a toy network, whose timings only show that the benchmark works.
-CPU_STEP_CONFIG = StepConfig(batch=2, width=8, size=8, blocks=1)
+# The interpreter runs kernels one program at a time, so ResNet-50 would take hours on a CPU: there the
+# step defaults to the toy network, whose timings only show that the benchmark works.
+CPU_STEP_CONFIG = StepConfig(network="toy", batches=(2,))
 
 
-def _autocast_dtype(name: str):
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+def skip_reason(variant: str, device: torch.device) -> str | None:
+    mode = VARIANTS[variant][1]
+    if mode == "reduce-overhead" and device.type != "cuda":
+        return "CUDA graphs (torch.compile mode='reduce-overhead') need a CUDA device"
+    if mode is not None and device.type != "cuda":
+        return ("torch.compile is not timed on a CPU: Inductor's C++ build takes minutes per network, and "
+                "CPU timings are not performance")
+    return None
 
 
-def time_step(backend: str, with_bn: bool, cfg: StepConfig, device: torch.device, seed: int = 0) -> float:
-    """Median milliseconds of one training step (forward, backward, SGD)."""
-    torch.manual_seed(seed)
-    fmt = torch.channels_last if cfg.layout == "nhwc" else torch.contiguous_format
-    model = build(backend, with_bn, cfg.width, cfg.blocks).to(device=device, memory_format=fmt)
+@dataclass
+class Timed:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    first_s: float  # the first step alone, compilation included
+    fused_layers: int
+
+
+def time_step(base: torch.nn.Module, variant: str, precision: str, batch: int, image: int, classes: int,
+              device: torch.device) -> Timed:
+    """Time training steps of a copy of `base` as `variant` runs it, then free what the variant held
+    (compiled code, CUDA graph pools, cached blocks) before the next one is built."""
+    import torch._dynamo as dynamo
+
+    try:
+        return _time_step(base, variant, precision, batch, image, classes, device)
+    finally:
+        dynamo.reset()  # also keeps every compiled variant far from Dynamo's recompile limit
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _time_step(base, variant, precision, batch, image, classes, device) -> Timed:
+    fused, mode = VARIANTS[variant]
+    cast, fmt = PRECISIONS[precision]
+    model = copy.deepcopy(base).to(device=device, memory_format=fmt)
+    fused_layers = 0
+    if fused:
+        import tritonbn
+
+        model = tritonbn.fuse(model)
+        fused_layers = len(model.tritonbn_fuse_report.fused)
+    if mode is not None:
+        model = torch.compile(model, mode=mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    shape = (cfg.batch, cfg.width, cfg.size, cfg.size)
-    x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
-    dy = torch.randn(shape, device=device).contiguous(memory_format=fmt)
-    cast = _autocast_dtype(cfg.dtype)
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(batch, 3, image, image, generator=generator).to(device).contiguous(memory_format=fmt)
+    dy = torch.randn(batch, classes, generator=generator).to(device=device, dtype=cast or torch.float32)
 
     def step():
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=cast, enabled=cast is not None):
             out = model(x)
-        out.backward(dy.to(out.dtype))
+        out.backward(dy.to(out.dtype))  # no copy where autocast gave the logits the expected dtype
         optimizer.step()
 
-    median, _, _ = measure(step, device)
-    return median
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first = time.perf_counter() - start
+    # A model's step runs for milliseconds on a GPU: a second of them; on a CPU the first step was the warm-up.
+    median, p20, p80 = measure(step, device, warmup_ms=200, rep_ms=1000, cpu_warmup=False)
+    return Timed(median, p20, p80, first, fused_layers)
 
 
-def run(cfg: StepConfig, backends, device: torch.device) -> list[dict]:
-    rows = []
-    for backend in backends:
-        full = time_step(backend, True, cfg, device)
-        without = time_step(backend, False, cfg, device)
-        rows.append({
-            "backend": backend, "batch": cfg.batch, "width": cfg.width, "size": cfg.size, "blocks": cfg.blocks,
-            "bn_layers": 2 * cfg.blocks, "dtype": cfg.dtype, "layout": cfg.layout, "step_ms": full,
-            "step_without_bn_act_ms": without, "bn_act_ms": full - without,
-            "bn_act_share_pct": 100.0 * (full - without) / full, "method": METHOD,
-            "timing": timing_label(device),
-        })
-    eager = next((r["step_ms"] for r in rows if r["backend"] == "eager"), math.nan)
-    for row in rows:
-        row["step_speedup_vs_eager"] = eager / row["step_ms"]
+def _describe(cfg: StepConfig, source: str, bn_layers: int, batch: int, precision: str, variant: str,
+              label: str) -> dict:
+    fused, mode = VARIANTS[variant]
+    return {"network": cfg.network, "model": source, "batch": batch, "dtype": precision.split("-")[0],
+            "layout": precision.split("-")[1], "variant": variant, "fused": fused, "compile_mode": mode or "none",
+            "status": "", "bn_layers": bn_layers, "fused_layers": math.nan, "step_ms": math.nan,
+            "step_p20_ms": math.nan, "step_p80_ms": math.nan, "first_step_s": math.nan,
+            "without_bn_act_ms": math.nan, "bn_act_ms": math.nan, "bn_act_share_pct": math.nan,
+            "speedup_vs_eager": math.nan, "speedup_vs_compile": math.nan, "share_method": SHARE_METHOD,
+            "timing": label}
+
+
+def _failure(exc: Exception) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return "oom"
+    return "error: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+def run(cfg: StepConfig, device: torch.device, progress=lambda message: None) -> list[dict]:
+    """One row per (batch, precision, variant); failures and skips are rows too, with their reason."""
+    network = models.NETWORKS[cfg.network]
+    torch.manual_seed(cfg.seed)
+    base, source = models.build(network)
+    plain = models.without_bn_act(copy.deepcopy(base))
+    env, label, rows = results.environment(device), timing_label(device), []
+    for batch in cfg.batches:
+        for precision in cfg.precisions:
+            without = {}  # compile mode -> the BN-less network's step time (fusing changes nothing there)
+            for variant in cfg.variants:
+                progress(f"step: {network.name} batch {batch} {precision} {variant}")
+                row = _describe(cfg, source, models.batch_norm_layers(base), batch, precision, variant, label)
+                row |= env
+                rows.append(row)
+                reason = skip_reason(variant, device)
+                if reason is not None:
+                    row["status"] = f"skipped: {reason}"
+                    continue
+                mode = VARIANTS[variant][1]
+                try:
+                    timed = time_step(base, variant, precision, batch, network.image, network.classes, device)
+                    if mode not in without:
+                        plain_variant = next(v for v, (fused, m) in VARIANTS.items() if m == mode and not fused)
+                        without[mode] = time_step(plain, plain_variant, precision, batch, network.image,
+                                                  network.classes, device).median_ms
+                except Exception as exc:  # one failing variant must not lose the others; the row says why
+                    row["status"] = _failure(exc)
+                    continue
+                row.update(status="ok", fused_layers=timed.fused_layers, step_ms=timed.median_ms,
+                           step_p20_ms=timed.p20_ms, step_p80_ms=timed.p80_ms, first_step_s=timed.first_s,
+                           without_bn_act_ms=without[mode], bn_act_ms=timed.median_ms - without[mode],
+                           bn_act_share_pct=100.0 * (timed.median_ms - without[mode]) / timed.median_ms)
+    _add_speedups(rows)
     return rows
 
 
+def _add_speedups(rows: list[dict]) -> None:
+    by_key = {(r["batch"], r["dtype"], r["layout"], r["variant"]): r for r in rows}
+    for row in rows:
+        for base in ("eager", "compile"):
+            ref = by_key.get((row["batch"], row["dtype"], row["layout"], base))
+            row[f"speedup_vs_{base}"] = ref["step_ms"] / row["step_ms"] if ref is not None else math.nan
+
+
 def format_table(rows: list[dict]) -> str:
-    header = f"{'backend':<10}{'step ms':>12}{'no BN+act ms':>14}{'BN+act ms':>12}{'BN+act share':>14}" \
-             f"{'vs eager':>10}"
+    header = (f"{'batch':>5} {'precision':<10}{'variant':<18}{'step ms':>10}{'no BN+act ms':>14}{'BN+act':>9}"
+              f"{'vs eager':>10}  status")
     lines = [header]
     for r in rows:
-        lines.append(f"{r['backend']:<10}{r['step_ms']:>12.4g}{r['step_without_bn_act_ms']:>14.4g}"
-                     f"{r['bn_act_ms']:>12.4g}{r['bn_act_share_pct']:>13.1f}%{r['step_speedup_vs_eager']:>9.3g}x")
-    lines.append(f"timing: {rows[0]['timing']}; share measured by {METHOD} (BN+act and the skip add removed)")
+        lines.append(f"{r['batch']:>5} {r['dtype'] + '-' + r['layout']:<10}{r['variant']:<18}{r['step_ms']:>10.4g}"
+                     f"{r['without_bn_act_ms']:>14.4g}{r['bn_act_share_pct']:>8.1f}%{r['speedup_vs_eager']:>9.3g}x"
+                     f"  {r['status']}")
+    lines.append(f"model: {rows[0]['model']}; timing: {rows[0]['timing']}; BN+act share measured by "
+                 f"{SHARE_METHOD} (every BN and ReLU replaced by identity, skip adds kept)")
     return "\n".join(lines)

@@ -1,27 +1,27 @@
 """The sweep: every (shape, dtype, layout, activation, residual, mode) on every backend.
 
 For each configuration the same inputs go to every backend. A backend's outputs (y, the updated running
-stats, the gradients) are first checked against eager's (`ok`, `max_err`), then the call is timed, its peak
-memory taken (CUDA only) and the bytes it saves for backward summed.
+stats, the gradients) are first checked against a float64 reference of the same inputs (`checks`: `ok`,
+`err_rel_l2`, `err_outliers`), then the call is timed end to end and split into device and host time
+(`breakdown`), its peak memory taken (CUDA only) and the bytes it saves for backward summed.
 """
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from . import bandwidth, results
+from . import bandwidth, checks, results
 from .backends import Backend, eager_batch_norm_act
+from .breakdown import measure_call
 from .shapes import ShapeCase
-from .timing import measure, timing_label
+from .timing import timing_label
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 LAYOUTS = ("nchw", "nhwc")
-# Largest |output - eager| allowed, relative to max |eager output|: the checks catch wrong results, not
-# reduction-order noise, so each bound sits well above one rounding step of its dtype.
-TOLERANCE = {"fp64": 1e-9, "fp32": 1e-4, "fp16": 1e-2, "bf16": 4e-2}
-# The reference every backend is checked against, whether or not eager is among the timed backends.
+# The reference every backend is checked against (in float64), whether or not eager is among the timed backends.
 EAGER = Backend("eager", eager_batch_norm_act)
 
 
@@ -136,17 +136,10 @@ class Call:
                 "running_var": self.running_var}
 
 
-def max_error(outputs: dict, reference: dict) -> float:
-    """Worst error over all outputs, each relative to the size of eager's output."""
-    worst = 0.0
-    for name, ref in reference.items():
-        got, ref = outputs[name].detach().double(), ref.detach().double()
-        if got.shape != ref.shape:
-            return math.inf
-        scale = ref.abs().max().item() if ref.numel() else 1.0
-        diff = (got - ref).abs().max().item() if ref.numel() else 0.0
-        worst = max(worst, diff / max(scale, 1e-6))
-    return worst
+def reference_outputs(cfg: Config, inputs: dict) -> dict:
+    """Eager PyTorch's outputs in float64, from the inputs every backend gets (already rounded to cfg.dtype)."""
+    wide = {name: None if t is None else t.detach().double() for name, t in inputs.items()}
+    return Call(EAGER, cfg, wide).outputs()
 
 
 def saved_for_backward(call: Call) -> tuple[int, int]:
@@ -186,6 +179,11 @@ def peak_memory(call: Call, device: torch.device) -> float:
     return float(peak)
 
 
+# The numeric columns `measure_backend` fills; NaN in rows it could not measure.
+MEASURED = ("err_rel_l2", "err_outliers", "e2e_ms", "e2e_p20_ms", "e2e_p80_ms", "device_ms", "host_us", "launches",
+            "peak_mem_bytes", "saved_bytes", "saved_extra_bytes")
+
+
 def measure_backend(backend: Backend, cfg: Config, inputs: dict, reference: dict, device) -> dict:
     """The measured columns of one row; `status` says why a row holds no numbers."""
     dtype = DTYPES[cfg.dtype]
@@ -193,11 +191,10 @@ def measure_backend(backend: Backend, cfg: Config, inputs: dict, reference: dict
     if reason is not None:
         return {"status": f"skipped: {reason}", "ok": False}
     try:
-        max_err = max_error(Call(backend, cfg, inputs).outputs(), reference)
-        ok = max_err <= TOLERANCE[cfg.dtype]
+        verdict = checks.compare(Call(backend, cfg, inputs).outputs(), reference, cfg.dtype)
         call = Call(backend, cfg, inputs)
         call.prepare()
-        median, p20, p80 = measure(call.step, device)
+        split = measure_call(call.step, device)
         peak = peak_memory(call, device)
         saved, saved_extra = saved_for_backward(Call(backend, cfg, inputs))
     except torch.cuda.OutOfMemoryError:
@@ -206,8 +203,11 @@ def measure_backend(backend: Backend, cfg: Config, inputs: dict, reference: dict
     except Exception as exc:  # one failing backend must not end a long sweep; the row records why
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         return {"status": f"error: {message}", "ok": False}
-    return {"status": "ok" if ok else "mismatch", "ok": ok, "max_err": max_err, "median_ms": median,
-            "p20_ms": p20, "p80_ms": p80, "peak_mem_bytes": peak, "saved_bytes": saved,
+    status = "ok" if verdict.ok else f"mismatch: {verdict.problem}"
+    return {"status": status, "ok": verdict.ok, "err_rel_l2": verdict.rel_l2, "err_outliers": verdict.outliers,
+            "e2e_ms": split.e2e_ms, "e2e_p20_ms": split.e2e_p20_ms, "e2e_p80_ms": split.e2e_p80_ms,
+            "device_method": split.device_method, "device_ms": split.device_ms, "host_us": split.host_us,
+            "launches": split.launches, "peak_mem_bytes": peak, "saved_bytes": saved,
             "saved_extra_bytes": saved_extra}
 
 
@@ -222,17 +222,16 @@ def describe(cfg: Config, backend: str, device: torch.device, copy_gbps: float) 
         "activation": cfg.activation, "residual": cfg.residual, "mode": cfg.mode, "backend": backend,
         "timing": timing_label(device), "copy_gbps": copy_gbps,
         "min_bytes": bandwidth.min_bytes(cfg.mode, numel, itemsize, cfg.residual, cfg.activation),
-        "max_err": math.nan, "median_ms": math.nan, "p20_ms": math.nan, "p80_ms": math.nan,
-        "peak_mem_bytes": math.nan, "saved_bytes": math.nan, "saved_extra_bytes": math.nan,
+        "device_method": "", **dict.fromkeys(MEASURED, math.nan),
     }
 
 
 def derive(row: dict) -> None:
-    if row["ok"]:
-        row["gbps"] = bandwidth.effective_gbps(row["min_bytes"], row["median_ms"])
-        row["pct_copy_bw"] = 100.0 * row["gbps"] / row["copy_gbps"]
-    else:
-        row["gbps"] = row["pct_copy_bw"] = math.nan
+    """Effective bandwidth (minimum bytes over time) from e2e and from device time, for valid rows."""
+    for prefix, column in (("", "e2e_ms"), ("device_", "device_ms")):
+        gbps = bandwidth.effective_gbps(row["min_bytes"], row[column]) if row["ok"] else math.nan
+        row[f"{prefix}gbps"] = gbps
+        row[f"{prefix}pct_copy_bw"] = 100.0 * gbps / row["copy_gbps"]
 
 
 def run(cfgs: list[Config], backends: list[Backend], skipped: dict, device: torch.device, out: str,
@@ -246,13 +245,23 @@ def run(cfgs: list[Config], backends: list[Backend], skipped: dict, device: torc
     rows = []
     bar = tqdm(total=len(cfgs) * (len(backends) + len(skipped)), disable=not progress, unit="row",
                desc="sweep")
+    # On CUDA every call runs on one side stream: graph capture refuses the default stream, and a backward
+    # runs on its forward's stream (see breakdown._graph_replay_ms). Synchronising around it keeps the
+    # inputs, made on the default stream, from being read early or freed while still in use.
+    cuda = device.type == "cuda"
+    stream = torch.cuda.stream(torch.cuda.Stream(device)) if cuda else contextlib.nullcontext()
     for cfg in cfgs:
         inputs = make_inputs(cfg, device)
-        reference = Call(EAGER, cfg, inputs).outputs()
+        reference = reference_outputs(cfg, inputs)
         for backend in backends:
             bar.set_postfix_str(f"{cfg.case.label} {cfg.dtype} {cfg.mode} {backend.name}", refresh=False)
             row = describe(cfg, backend.name, device, copy_gbps) | env
-            row.update(measure_backend(backend, cfg, inputs, reference, device))
+            if cuda:
+                torch.cuda.synchronize(device)
+            with stream:
+                row.update(measure_backend(backend, cfg, inputs, reference, device))
+            if cuda:
+                torch.cuda.synchronize(device)
             derive(row)
             rows.append(row)
             bar.update()

@@ -1,8 +1,11 @@
-"""Timing that is honest about what it measures.
+"""End-to-end timing that is honest about what it measures.
 
 On CUDA: CUDA events through `triton.testing.do_bench` (warm-up, L2 flushed between runs), median with
-p20/p80. Elsewhere: wall-clock medians of a few runs, labelled so that no report presents them as
-performance: `interpreter` when Triton kernels run under TRITON_INTERPRET=1, `cpu-reference` otherwise.
+p20/p80; a call whose host work outlasts its kernels is timed with those host stalls included. Elsewhere:
+wall-clock medians of a few runs, labelled so that no report presents them as performance: `interpreter`
+when tritonbn's kernels run under Triton's interpreter, `cpu-reference` when CPU tensors take the PyTorch
+reference path (as they do in a process whose kernels were compiled for a GPU). `tritonbn.backend` says
+which, as it decided for the whole process. `breakdown` splits the time into host and device parts.
 """
 
 import statistics
@@ -16,25 +19,35 @@ CPU_REFERENCE = "cpu-reference"
 
 
 def timing_label(device: torch.device) -> str:
-    from tritonbn.functional import _uses_kernels
+    from tritonbn import backend
 
     if device.type == "cuda":
         return CUDA_EVENTS
-    return INTERPRETER if _uses_kernels(torch.empty(0, device=device)) else CPU_REFERENCE
+    return INTERPRETER if backend.uses_kernels(torch.empty(0, device=device)) else CPU_REFERENCE
 
 
-def measure(fn, device: torch.device, cpu_runs: int = 3) -> tuple[float, float, float]:
-    """(median, p20, p80) of `fn`'s run time in milliseconds."""
+def summarize(times_ms: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of a few wall-clock samples."""
+    quantiles = statistics.quantiles(times_ms, n=5, method="inclusive")  # cut points at 20/40/60/80 %
+    return statistics.median(times_ms), quantiles[0], quantiles[-1]
+
+
+def measure(fn, device: torch.device, cpu_runs: int = 3, warmup_ms: int = 25, rep_ms: int = 100,
+            cpu_warmup: bool = True) -> tuple[float, float, float]:
+    """(median, p20, p80) of `fn`'s run time in milliseconds; on CUDA over about `rep_ms` of runs.
+
+    On a CPU one unmeasured run comes first unless `cpu_warmup` is False (the caller has just run `fn`).
+    """
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        median, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return median, p20, p80
-    fn()  # warm-up: first-call costs (interpreter rewriting, compilation) are not the steady state
+    if cpu_warmup:
+        fn()  # first-call costs (interpreter rewriting, compilation) are not the steady state
     times = []
     for _ in range(cpu_runs):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    quantiles = statistics.quantiles(times, n=5, method="inclusive")  # cut points at 20/40/60/80 %
-    return statistics.median(times), quantiles[0], quantiles[-1]
+    return summarize(times)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tritonbn.functional import interpreter_enabled
+from tritonbn import backend
 
 from .bandwidth import min_passes
 
@@ -79,9 +79,9 @@ def count_traffic():
     Usage: `with count_traffic() as t: ...; t.bytes_loaded, t.bytes_stored, t.launches, t.kernels`.
     Atomic read-modify-writes count as one load and one store of each active lane.
     """
-    if not interpreter_enabled():
-        raise RuntimeError("count_traffic() needs the Triton interpreter: set TRITON_INTERPRET=1 before "
-                           "triton or tritonbn.kernels is imported")
+    if not backend.kernels_interpreted():
+        raise RuntimeError("count_traffic() needs tritonbn's kernels under the Triton interpreter: set "
+                           "TRITON_INTERPRET=1 before tritonbn.kernels is imported")
     from triton.runtime import interpreter
 
     builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor

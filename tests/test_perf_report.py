@@ -1,4 +1,10 @@
-"""report: the plots are valid PNGs and report.md says what the numbers are, loudly when not performance."""
+"""report: the plots are valid PNGs and report.md says what the numbers are, loudly when not performance.
+
+The CSV comes from `sweep --device cpu`: interpreter timings on a CPU-only machine, reference-path timings
+on a GPU machine. Both hold a device/host split for every row, so the same files are expected on both.
+"""
+
+import csv
 
 import pytest
 import torch
@@ -33,7 +39,8 @@ def assert_png(path):
 def test_report_files(tiny_csv, tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(tiny_csv), "--out", str(out)]) == 0
-    pngs = {"speedup_fwd.png", "speedup_fwd_bwd.png", "bandwidth.png", "memory.png"}
+    pngs = {"speedup_fwd.png", "speedup_fwd_bwd.png", "device_speedup_fwd.png", "device_speedup_fwd_bwd.png",
+            "overhead_fp32_nchw.png", "bandwidth.png", "memory.png"}
     assert {p.name for p in out.iterdir()} == pngs | {"report.md"}
     for name in pngs:
         assert_png(out / name)
@@ -41,15 +48,42 @@ def test_report_files(tiny_csv, tmp_path):
     assert "**Warning: these timings are not performance.**" in md.splitlines()[2]
     assert f"torch {torch.__version__}" in md and "Device: cpu" in md
     assert "| fwd | tritonbn |" in md and "| fwd_bwd | tritonbn |" in md
-    assert "## Slowest shapes" in md
+    assert "| mode | backend | e2e vs eager | e2e vs compile | device vs eager | device vs compile | configs |" in md
+    assert "## Host- or device-bound, per shape" in md and "## Slowest shapes" in md
     for name in pngs:
         assert f"]({name})" in md
 
 
+def gpu_like(rows, host_bound_shapes):
+    """The rows relabelled as if a GPU had measured them, with tritonbn host-bound on the given shapes:
+    only labels and the host/device relation matter to the report, not the values themselves."""
+    for row in rows:
+        row.update(timing="cuda-events", device="NVIDIA H100 80GB HBM3", device_method="cuda-graph")
+        if row["backend"] == "tritonbn":
+            ratio = 10.0 if row["shape"] in host_bound_shapes else 0.1
+            row["host_us"] = row["device_ms"] * 1e3 * ratio
+    return rows
+
+
+def test_bound_table_and_overhead_plot(tiny_csv, tmp_path):
+    rows = gpu_like(results.read_rows(tiny_csv), host_bound_shapes={"6x8"})
+    path = tmp_path / "gpu.csv"
+    results.write_rows(path, rows)
+    assert main(["report", str(path), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    table = md.split("## Host- or device-bound, per shape")[1].split("##")[0]
+    cells = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    lines = {row[0].strip("| "): row for row in cells}
+    assert lines["6x8"][3] == "host" and lines["2x4x3x5"][3] == "device" and lines["2x3x2x2x3"][3] == "device"
+    assert lines["**all**"][3] == "device 4, host 2 (shape x mode)"
+    assert "not performance" not in md
+    assert_png(tmp_path / "out" / "overhead_fp32_nchw.png")
+
+
 def test_scaling_plot_and_gpu_csv_without_warning(tiny_csv, tmp_path):
-    rows = results.read_rows(tiny_csv)
-    for row in rows:  # as if a GPU had measured the scaling preset: only the labels matter to the report
-        row.update(preset="scaling", timing="cuda-events", device="NVIDIA H100 80GB HBM3")
+    rows = gpu_like(results.read_rows(tiny_csv), host_bound_shapes=set())
+    for row in rows:
+        row["preset"] = "scaling"
     gpu_csv = tmp_path / "gpu.csv"
     results.write_rows(gpu_csv, rows)
     assert main(["report", str(gpu_csv)]) == 0
@@ -58,3 +92,22 @@ def test_scaling_plot_and_gpu_csv_without_warning(tiny_csv, tmp_path):
     md = (out / "report.md").read_text()
     assert "not performance" not in md and "Device: NVIDIA H100 80GB HBM3" in md
     assert "](scaling.png)" in md
+
+
+def test_csv_from_before_the_device_split(tiny_csv, tmp_path):
+    """The committed H200 baseline has e2e columns only (under their old names): e2e plots, no device ones."""
+    old = tmp_path / "old.csv"
+    renamed = {new: old_name for old_name, new in results.RENAMED.items()}
+    with open(tiny_csv, newline="") as f, open(old, "w", newline="") as g:
+        reader = csv.DictReader(f)
+        columns = [c for c in reader.fieldnames if not c.startswith("device_") and c not in ("host_us", "launches")]
+        writer = csv.DictWriter(g, fieldnames=[renamed.get(c, c) for c in columns])
+        writer.writeheader()
+        writer.writerows({renamed.get(c, c): r[c] for c in columns} for r in reader)
+    assert main(["report", str(old), "--out", str(tmp_path / "out")]) == 0
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"speedup_fwd.png", "speedup_fwd_bwd.png", "report.md"} <= names
+    assert not any(n.startswith(("device_", "overhead_")) for n in names)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| mode | backend | e2e vs eager | e2e vs compile | configs |" in md
+    assert "predates those columns" in md and "Device time: not measured in this CSV" in md

@@ -1,4 +1,6 @@
-"""The sweep on CPU with the tiny preset: CSV schema, values, and replacement of re-run rows."""
+"""The sweep on CPU with the tiny preset: CSV schema, values, the e2e/device/host split, and replacement of
+re-run rows. `--device cpu` runs the kernels under the interpreter on a CPU-only machine and the reference
+path on a GPU machine (whose kernels are compiled); the rows must say which, and these tests hold on both."""
 
 import csv
 import math
@@ -7,7 +9,8 @@ import subprocess
 import pytest
 import torch
 
-from tritonbn.perf import results, sweep
+from tritonbn import backend as tritonbn_backend
+from tritonbn.perf import checks, results, sweep
 from tritonbn.perf.backends import Backend, eager_batch_norm_act
 from tritonbn.perf.cli import main
 from tritonbn.perf.shapes import ShapeCase, preset_shapes
@@ -47,25 +50,26 @@ def test_schema(tiny_csv):
 def test_values(tiny_csv):
     rows = results.read_rows(tiny_csv)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    interpreted = tritonbn_backend.uses_kernels(torch.empty(0))
     by_key = {results.row_key(r): r for r in rows}
     for row in rows:
         assert row["status"] == "ok" and row["ok"], row
-        assert row["timing"] == "interpreter"
+        assert row["timing"] == ("interpreter" if interpreted else "cpu-reference")
         assert row["device"].startswith("cpu") and row["torch"] == torch.__version__
         assert row["git_commit"] in (commit or "unknown", "unknown")
-        assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["e2e_ms"] > 0 and row["e2e_p20_ms"] <= row["e2e_ms"] <= row["e2e_p80_ms"]
         numel = math.prod(int(s) for s in row["shape"].split("x"))
         assert row["min_bytes"] == PASSES[row["mode"]] * numel * 4
-        assert row["gbps"] == pytest.approx(row["min_bytes"] / row["median_ms"] / 1e6)
+        assert row["gbps"] == pytest.approx(row["min_bytes"] / row["e2e_ms"] / 1e6)
         assert row["pct_copy_bw"] == pytest.approx(100 * row["gbps"] / row["copy_gbps"])
+        assert row["device_gbps"] == pytest.approx(row["min_bytes"] / row["device_ms"] / 1e6)
         assert math.isnan(row["peak_mem_bytes"])  # measured on CUDA only
         eager = by_key[results.row_key(row)[:-1] + ("eager",)]
-        assert row["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / row["median_ms"])
-        assert math.isnan(row["speedup_vs_compile"])  # compile was not run
-        if row["backend"] == "eager":
-            assert row["max_err"] == 0.0 and row["speedup_vs_eager"] == 1.0
-        else:
-            assert row["max_err"] <= sweep.TOLERANCE["fp32"]
+        for kind in ("e2e", "device"):
+            assert row[f"{kind}_speedup_vs_eager"] == pytest.approx(eager[f"{kind}_ms"] / row[f"{kind}_ms"])
+            assert math.isnan(row[f"{kind}_speedup_vs_compile"])  # compile was not run
+        # checked against float64: fp32 rounding only, no mask flip on shapes this small
+        assert 0 <= row["err_rel_l2"] <= checks.REL_L2["fp32"] and row["err_outliers"] == 0
         if row["mode"] == "eval":
             assert row["saved_bytes"] == 0
         elif row["backend"] == "eager" and row["mode"] != "bwd":
@@ -73,12 +77,34 @@ def test_values(tiny_csv):
             assert row["saved_extra_bytes"] >= numel * 4 and row["saved_bytes"] >= row["saved_extra_bytes"] + numel * 4
 
 
+def test_device_and_host_split(tiny_csv):
+    """Interpreted kernels are counted and timed apart from the host's work; everything else is `reference`."""
+    rows = results.read_rows(tiny_csv)
+    interpreted = tritonbn_backend.uses_kernels(torch.empty(0))
+    for row in rows:
+        assert row["host_us"] > 0 and row["device_ms"] > 0
+        if row["backend"] == "tritonbn" and interpreted:
+            assert row["device_method"] == "interpreter"
+            # the kernels run inside the call: their time is part of it
+            assert row["device_ms"] <= row["e2e_ms"]
+            assert row["launches"] >= 1 and row["launches"] == int(row["launches"])
+        else:  # eager, or tritonbn's reference path: all of the call runs on the CPU, no Triton launch
+            assert row["device_method"] == "reference"
+            assert row["device_ms"] == row["e2e_ms"] and row["host_us"] == pytest.approx(row["e2e_ms"] * 1e3)
+            assert math.isnan(row["launches"])
+    if interpreted:
+        launches = {(r["shape"], r["mode"]): r["launches"] for r in rows if r["backend"] == "tritonbn"}
+        for shape in {shape for shape, _ in launches}:
+            assert launches[shape, "fwd_bwd"] == launches[shape, "fwd"] + launches[shape, "bwd"]
+            assert launches[shape, "eval"] <= launches[shape, "fwd"]
+
+
 def test_rerun_replaces_rows(tiny_csv, tmp_path, one_thread):
     path = tmp_path / "results.csv"
     path.write_bytes(tiny_csv.read_bytes())
     rows = results.read_rows(path)
     stale = next(r for r in rows if r["shape"] == "6x8" and r["mode"] == "fwd" and r["backend"] == "eager")
-    stale["median_ms"] = 12345.0
+    stale["e2e_ms"] = 12345.0
     results.write_rows(path, [stale])
     assert len(results.read_rows(path)) == len(rows)
     args = ["sweep", "--shape", "6,8", "--mode", "fwd", "--backend", "eager,tritonbn", "--device", "cpu",
@@ -88,9 +114,30 @@ def test_rerun_replaces_rows(tiny_csv, tmp_path, one_thread):
     merged = results.read_rows(path)
     assert len(merged) == len(rows) + 2
     again = [r for r in merged if r["shape"] == "6x8" and r["mode"] == "fwd" and not r["residual"]]
-    assert len(again) == 2 and all(r["median_ms"] < 12345.0 for r in again)
+    assert len(again) == 2 and all(r["e2e_ms"] < 12345.0 for r in again)
     assert {r["preset"] for r in again} == {"custom"}
     assert sum(r["residual"] for r in merged) == 2
+
+
+def test_old_csv_is_read_and_merged(tiny_csv, tmp_path):
+    """A CSV from before the device/host split (median_ms, speedup_vs_eager, no device columns) stays usable."""
+    old = tmp_path / "old.csv"
+    renamed = {new: old_name for old_name, new in results.RENAMED.items()}
+    dropped = {"device_method", "device_ms", "host_us", "launches", "device_gbps", "device_pct_copy_bw",
+               "device_speedup_vs_eager", "device_speedup_vs_compile", "err_rel_l2", "err_outliers"}
+    with open(tiny_csv, newline="") as f, open(old, "w", newline="") as g:
+        reader = csv.DictReader(f)
+        columns = [c for c in reader.fieldnames if c not in dropped]
+        writer = csv.DictWriter(g, fieldnames=[renamed.get(c, c) for c in columns])
+        writer.writeheader()
+        writer.writerows({renamed.get(c, c): r[c] for c in columns} for r in reader)
+    rows = results.read_rows(old)
+    new = results.read_rows(tiny_csv)
+    assert [r["e2e_ms"] for r in rows] == [r["e2e_ms"] for r in new]
+    assert all(math.isnan(r["device_ms"]) and r["device_method"] == "" for r in rows)
+    merged = results.write_rows(old, [])
+    assert all(math.isnan(r["device_speedup_vs_eager"]) for r in merged)
+    assert [r["e2e_speedup_vs_eager"] for r in merged] == pytest.approx([r["e2e_speedup_vs_eager"] for r in new])
 
 
 def wrong_bias(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
@@ -110,8 +157,8 @@ def test_wrong_and_failing_backends_are_flagged_not_timed(tmp_path, one_thread):
                      str(tmp_path / "r.csv"), progress=False)
     status = {r["backend"]: r for r in rows}
     assert status["eager"]["ok"]
-    assert status["wrong"]["status"] == "mismatch" and not status["wrong"]["ok"]
-    assert status["wrong"]["max_err"] > 0.01 and math.isnan(status["wrong"]["speedup_vs_eager"])
+    assert status["wrong"]["status"].startswith("mismatch: y:") and not status["wrong"]["ok"]
+    assert math.isnan(status["wrong"]["e2e_speedup_vs_eager"])
     assert status["broken"]["status"] == "error: RuntimeError: kernel exploded"
     assert status["apex"]["status"] == "skipped: not importable here"
-    assert math.isnan(status["apex"]["median_ms"])
+    assert math.isnan(status["apex"]["e2e_ms"]) and math.isnan(status["apex"]["device_ms"])
