@@ -11,7 +11,6 @@ Kernels know nothing about autograd or modules: ``tritonbn.functional`` builds o
 
 import triton.language.standard as _triton_library
 
-from .activations import ACTIVATION_IDS
 from .backward import backward_plan
 from .forward import ForwardPlan, moments_partial_kernel
 from .plan import output_layout
@@ -21,4 +20,4 @@ from .plan import output_layout
 # compiled library fail, so they count as interpreted only when both are.
 INTERPRETED = all(type(fn).__name__ == "InterpretedFunction" for fn in (moments_partial_kernel, _triton_library.sum))
 
-__all__ = ["ACTIVATION_IDS", "INTERPRETED", "ForwardPlan", "backward_plan", "output_layout"]
+__all__ = ["INTERPRETED", "ForwardPlan", "backward_plan", "output_layout"]

@@ -23,26 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-# Ids as ``tl.constexpr`` so the jit functions can read them; ``ACTIVATION_IDS`` maps names to them.
-IDENTITY = tl.constexpr(0)
-RELU = tl.constexpr(1)
-LEAKY_RELU = tl.constexpr(2)
-RELU6 = tl.constexpr(3)
-ELU = tl.constexpr(4)
-SILU = tl.constexpr(5)
-GELU = tl.constexpr(6)
-HARDSWISH = tl.constexpr(7)
+from ..activations import KERNEL_IDS
 
-ACTIVATION_IDS = {
-    "identity": IDENTITY.value,
-    "relu": RELU.value,
-    "leaky_relu": LEAKY_RELU.value,
-    "relu6": RELU6.value,
-    "elu": ELU.value,
-    "silu": SILU.value,
-    "gelu": GELU.value,
-    "hardswish": HARDSWISH.value,
-}
+# The registry's ids (tritonbn/activations.py) as ``tl.constexpr`` so the jit functions can branch on them.
+IDENTITY = tl.constexpr(KERNEL_IDS["identity"])
+RELU = tl.constexpr(KERNEL_IDS["relu"])
+LEAKY_RELU = tl.constexpr(KERNEL_IDS["leaky_relu"])
+RELU6 = tl.constexpr(KERNEL_IDS["relu6"])
+ELU = tl.constexpr(KERNEL_IDS["elu"])
+SILU = tl.constexpr(KERNEL_IDS["silu"])
+GELU = tl.constexpr(KERNEL_IDS["gelu"])
+HARDSWISH = tl.constexpr(KERNEL_IDS["hardswish"])
 
 
 def _torch_hardswish_kinks_go_outward() -> bool:

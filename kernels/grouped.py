@@ -6,7 +6,8 @@ SUMS == GIVEN). These calls are not the single-GPU hot path: they launch through
 
 import torch
 
-from .activations import ACTIVATION_IDS, IDENTITY
+from ..activations import KERNEL_IDS
+from .activations import IDENTITY
 from .backward import backward_input_kernel, backward_reduce_kernel
 from .forward import moments_partial_kernel, normalize_kernel
 from .plan import Tiling, compute_dtype, ncs_strides, output_layout, spatial_size, split_float, stats_dtype
@@ -57,7 +58,7 @@ def normalize_act(x, mean, rstd, weight, bias, activation, negative_slope, resid
         x, y, residual, stats, _or(weight, x), _or(bias, x), x, x, 0.0, 0.0, 0.0, 0.0, *split_float(negative_slope),
         R, x.shape[1], spatial_size(x.shape), *x_ncs, *ncs_strides(y.shape, y.stride()), *r_ncs,
         tiling.rows_per_split, 1, 1, 1, GIVEN.value, False, weight is not None, bias is not None,
-        r_ncs is not _NO_STRIDES, ACTIVATION_IDS[activation], 1, tiling.block_r, tiling.block_c, tiling.rows_i64,
+        r_ncs is not _NO_STRIDES, KERNEL_IDS[activation], 1, tiling.block_r, tiling.block_c, tiling.rows_i64,
         compute_dtype(x.dtype), num_warps=tiling.num_warps)
     return y
 
@@ -69,7 +70,7 @@ def _or(t, dummy):
 def _grad_operands(dy, x, residual, activation):
     dy, dy_ncs = _addressable(dy)
     x, x_ncs = _addressable(x)
-    if residual is not None and ACTIVATION_IDS[activation] != IDENTITY.value:
+    if residual is not None and KERNEL_IDS[activation] != IDENTITY.value:
         residual, r_ncs = _addressable(residual)
     else:
         residual, r_ncs = None, _NO_STRIDES
@@ -86,7 +87,7 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope,
         dy, x, _or(residual, x), torch.stack([mean, rstd]), _or(weight, x), _or(bias, x), x, x, partials, x,
         0.0, 0.0, *split_float(negative_slope), R, C, spatial_size(x.shape), *dy_ncs, *x_ncs, *r_ncs,
         *_NO_STRIDES, tiling.rows_per_split, GIVEN.value, weight is not None, bias is not None, residual is not None,
-        False, ACTIVATION_IDS[activation], tiling.block_r, tiling.block_c, tiling.rows_i64, compute_dtype(x.dtype),
+        False, KERNEL_IDS[activation], tiling.block_r, tiling.block_c, tiling.rows_i64, compute_dtype(x.dtype),
         num_warps=tiling.num_warps)
     return partials[0].sum(0), partials[1].sum(0)  # no atomics: deterministic
 
@@ -105,6 +106,6 @@ def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, 
         1, R, x.shape[1], spatial_size(x.shape), *dy_ncs, *x_ncs, *r_ncs, *ncs_strides(dx.shape, dx.stride()),
         *(ncs_strides(dz.shape, dz.stride()) if dz is not None else _NO_STRIDES), tiling.rows_per_split,
         GIVEN.value, GIVEN.value, training, weight is not None, bias is not None, residual_read is not None, True,
-        dz is not None, False, False, False, ACTIVATION_IDS[activation], 1, tiling.block_r, tiling.block_c,
+        dz is not None, False, False, False, KERNEL_IDS[activation], 1, tiling.block_r, tiling.block_c,
         tiling.rows_i64, compute_dtype(x.dtype), num_warps=tiling.num_warps)
     return dx, dz

@@ -35,8 +35,8 @@ TORCH_ACTIVATIONS = {
     "silu": lambda z, slope: F.silu(z),
     "gelu": lambda z, slope: F.gelu(z, approximate="none"),
     # PyTorch's CUDA hardswish multiplies by 1/6 rounded to float32 even for float64 input (3e-8 relative
-    # off); the reference computes it in the input's own precision on every device.
-    "hardswish": lambda z, slope: z * (z + 3.0).clamp(0.0, 6.0) / 6.0,
+    # off); its CPU kernel divides in the input's precision, so the reference runs there on every device.
+    "hardswish": lambda z, slope: F.hardswish(z.cpu()).to(z.device),
 }
 
 # Pre-activation values where the activation's derivative jumps. Which side a value lying right on

@@ -22,9 +22,10 @@ import triton
 import triton.language as tl
 from _helpers import TORCH_ACTIVATIONS, dtype_id
 
-from tritonbn.kernels.activations import ACTIVATION_IDS, activation_backward, activation_forward
+from tritonbn.activations import KERNEL_IDS
+from tritonbn.kernels.activations import activation_backward, activation_forward
 
-ACTIVATIONS = tuple(ACTIVATION_IDS)
+ACTIVATIONS = tuple(KERNEL_IDS)
 DTYPES = (torch.float32, torch.float64)
 # Slopes exact in float32: the test kernel takes the slope as a float32 argument when compiled (the real
 # kernels pass it as a float32 head and tail), so torch must see the same value. The negative one makes
@@ -53,7 +54,7 @@ def triton_activation(name, z, dy, negative_slope, device):
     z, dy = z.to(device), dy.to(device)
     y, dz = torch.empty_like(z), torch.empty_like(z)
     grid = (triton.cdiv(z.numel(), BLOCK),)
-    _activation_kernel[grid](z, dy, y, dz, z.numel(), negative_slope, ACTIVATION=ACTIVATION_IDS[name], BLOCK=BLOCK)
+    _activation_kernel[grid](z, dy, y, dz, z.numel(), negative_slope, ACTIVATION=KERNEL_IDS[name], BLOCK=BLOCK)
     return y.cpu(), dz.cpu()
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import ops, reference
+from .activations import REGISTRY
 from .backend import cpu_reference, uses_kernels
 from .validation import check_activation, check_batch_norm_args, check_eps, check_tensor_types
 
@@ -69,7 +70,7 @@ def _new_plan(key, input, weight, bias, residual, running_mean, training, activa
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     plan = _PLANS[key] = kernels.ForwardPlan(input, weight, bias, residual, running_mean, training,
-                                             kernels.ACTIVATION_IDS[activation])
+                                             REGISTRY[activation].kernel_id)
     return plan
 
 

@@ -6,23 +6,13 @@ the kernels, and the output is cast back to the input's dtype.
 """
 
 import torch
-import torch.nn.functional as F
 
-_ACTIVATION_FUNCTIONS = {
-    "identity": lambda z, negative_slope: z,
-    "relu": lambda z, negative_slope: F.relu(z),
-    "leaky_relu": lambda z, negative_slope: F.leaky_relu(z, negative_slope),
-    "relu6": lambda z, negative_slope: F.relu6(z),
-    "elu": lambda z, negative_slope: F.elu(z),
-    "silu": lambda z, negative_slope: F.silu(z),
-    "gelu": lambda z, negative_slope: F.gelu(z),
-    "hardswish": lambda z, negative_slope: F.hardswish(z),
-}
+from .activations import REGISTRY
 
 
 def activate(z: torch.Tensor, activation: str, negative_slope: float = 0.01) -> torch.Tensor:
     """The activation ``activation`` (a name from ``tritonbn.ACTIVATIONS``) applied to ``z``."""
-    return _ACTIVATION_FUNCTIONS[activation](z, negative_slope)
+    return REGISTRY[activation].apply(z, negative_slope)
 
 
 def _channel_view(t: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "relu6", "elu", "silu", "gelu", "hardswish")
+from .activations import ACTIVATIONS
 
 
 class ChannelMismatchError(ValueError, RuntimeError):
