@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import output_dtype
 from .activations import activation_forward
 from .launch import Launcher
 from .plan import (
@@ -148,7 +149,7 @@ class ForwardPlan:
 
     def __init__(self, x, weight, bias, residual, running_mean, training, activation_id):
         shape, stride = tuple(x.shape), x.stride()
-        self.out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        self.out_dtype = output_dtype(x, residual)
         self.out_stride, self.copy_input = output_layout(shape, stride)
         x_stride = self.out_stride if self.copy_input else stride
         self.shape = shape

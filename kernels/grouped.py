@@ -7,6 +7,7 @@ SUMS == GIVEN). These calls are not the single-GPU hot path: they launch through
 import torch
 
 from ..activations import KERNEL_IDS
+from ..reference import output_dtype
 from .activations import IDENTITY
 from .backward import backward_input_kernel, backward_reduce_kernel
 from .forward import moments_partial_kernel, normalize_kernel
@@ -50,7 +51,7 @@ def normalize_act(x, mean, rstd, weight, bias, activation, negative_slope, resid
     """act((x - mean) * rstd * weight + bias [+ residual]) with given per-channel statistics."""
     x, x_ncs = _addressable(x)
     R, tiling = _tiling(x, x_ncs)
-    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out_dtype = output_dtype(x, residual)
     y = torch.empty_strided(x.shape, output_layout(x.shape, x.stride())[0], dtype=out_dtype, device=x.device)
     residual, r_ncs = _addressable(residual) if residual is not None else (x, _NO_STRIDES)
     stats = torch.stack([mean, rstd])

@@ -140,11 +140,8 @@ _NON_TENSOR_GRADS = (None,) * 8  # running_mean, running_var, training, momentum
 
 def _differentiable_backward(ctx, grad_output):
     input, weight, bias, residual, _, running_mean, running_var = ctx.saved_tensors
-    dtype = reference.compute_dtype(input)
-    if ctx.plan.training:  # batch statistics depend on the input: recompute them differentiably
-        var, mean = torch.var_mean(input.to(dtype), dim=[0] + list(range(2, input.dim())), correction=0)
-    else:
-        mean, var = running_mean.to(dtype), running_var.to(dtype)
+    # In training the batch statistics depend on the input: recomputed differentiably.
+    mean, var = reference.statistics(input, running_mean, running_var, ctx.plan.training)
     output = reference.normalize_act(input, mean, torch.rsqrt(var + ctx.eps), weight, bias, ctx.activation,
                                      ctx.negative_slope, residual)
     grads = [None, None, None, None]

@@ -52,13 +52,19 @@ class _BatchNormAct(_BatchNorm):
         plan = prepare(input, running_mean, running_var, self.weight, self.bias, residual, bn_training, self.eps,
                        self.activation)
 
-        average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        counts_batches = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if counts_batches:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                average_factor = 1.0 / float(self.num_batches_tracked)
+        average_factor = self._average_factor(counts_batches, batches_before=0)
         return run(plan, input, running_mean, running_var, self.weight, self.bias, bn_training, average_factor,
                    self.eps, self.activation, self.negative_slope, residual)
+
+    def _average_factor(self, counts_batches: bool, batches_before: int) -> float:
+        """The running averages' factor: ``momentum``, or with ``momentum=None`` the cumulative average's
+        1 / batches (``num_batches_tracked`` + ``batches_before``), as _BatchNorm computes it."""
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / (float(self.num_batches_tracked) + batches_before) if counts_batches else 0.0
 
     def extra_repr(self):
         text = f"{super().extra_repr()}, activation={self.activation}"

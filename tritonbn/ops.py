@@ -12,16 +12,14 @@ kernels produce. Importing this module registers the ops; it imports no Triton u
 import torch
 from torch import Tensor
 
+from .reference import compute_dtype, output_dtype
+
 
 def _output_like(input: Tensor, dtype: torch.dtype) -> Tensor:
     """A new tensor with the strides the kernels give their outputs for ``input`` (see ``output_layout``)."""
     from .kernels.plan import output_layout
 
     return input.new_empty_strided(input.shape, output_layout(input.shape, input.stride())[0], dtype=dtype)
-
-
-def _out_dtype(input: Tensor, residual: Tensor | None) -> torch.dtype:
-    return input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
 
 
 @torch.library.custom_op("tritonbn::forward", mutates_args=("running_mean", "running_var"))
@@ -39,9 +37,8 @@ def forward(input: Tensor, weight: Tensor | None, bias: Tensor | None, residual:
 @forward.register_fake
 def _(input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
       negative_slope):
-    stats_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    stats = input.new_empty(2 * input.shape[1] if training else 0, dtype=stats_dtype)
-    return _output_like(input, _out_dtype(input, residual)), stats
+    stats = input.new_empty(2 * input.shape[1] if training else 0, dtype=compute_dtype(input))
+    return _output_like(input, output_dtype(input, residual)), stats
 
 
 @torch.library.custom_op("tritonbn::backward", mutates_args=())

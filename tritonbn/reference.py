@@ -1,8 +1,11 @@
-"""Plain PyTorch batch norm + residual + activation, following the method step by step.
+"""Plain PyTorch batch norm + residual + activation, following the method step by step: the package's one
+PyTorch implementation of it.
 
-This is what CPU tensors run when the Triton interpreter is off, so models keep working on any CPU. It
-is differentiable through autograd. Statistics are taken in float32 (float64 for float64 input), as in
-the kernels, and the output is cast back to the input's dtype.
+This is what CPU tensors run when the Triton interpreter is off (so models keep working on any CPU), what
+double backward differentiates, and what PyTorch's transforms see. It is differentiable through autograd.
+Statistics are taken in float32 (float64 for float64 input), as in the kernels, and the output is cast back
+to the input's dtype. The backward pieces at the end are the kernels' contract for synchronized batch norm,
+whose gradient sums cross ranks: ``tritonbn.kernels.grouped`` has the same four functions.
 """
 
 import torch
@@ -20,6 +23,15 @@ def _channel_view(t: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tenso
     return t.to(dtype).reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def count_per_channel(x: torch.Tensor) -> int:
+    """How many values each channel's batch statistics are taken over: N * (spatial size)."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
 def compute_dtype(input: torch.Tensor) -> torch.dtype:
     """float64 for float64 input, else float32: the precision all the arithmetic runs in."""
     return torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -35,16 +47,27 @@ def update_running_stats(running_mean, running_var, mean, m2, count, momentum):
         running_var.lerp_((m2.detach() / (count - 1)).to(running_var.dtype), float(momentum))
 
 
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and M2 (sum of squared deviations from it) of the batch, differentiably."""
+    var, mean = torch.var_mean(x.to(compute_dtype(x)), dim=_reduce_dims(x), correction=0)
+    return mean, var * count_per_channel(x)
+
+
+def statistics(input, running_mean, running_var, training) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: per-channel (mean, biased variance), of the batch in training, else the running estimates."""
+    if training:
+        mean, m2 = channel_moments(input)
+        return mean, m2 / max(count_per_channel(input), 1)
+    dtype = compute_dtype(input)
+    return running_mean.to(dtype), running_var.to(dtype)
+
+
 def batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
                    activation, negative_slope, residual):
-    dtype = compute_dtype(input)
-    # Step 1: per-channel mean and variance, from the batch in training, else the running estimates.
-    if training:
-        var, mean = torch.var_mean(input.to(dtype), dim=[0] + list(range(2, input.dim())), correction=0)
-        count = input.numel() // max(input.shape[1], 1)
+    mean, var = statistics(input, running_mean, running_var, training)
+    if training:  # Step 5: the running averages move towards the batch's (unbiased) statistics
+        count = count_per_channel(input)
         update_running_stats(running_mean, running_var, mean, var * count, count, momentum)
-    else:
-        mean, var = running_mean.to(dtype), running_var.to(dtype)
     return normalize_act(input, mean, torch.rsqrt(var + eps), weight, bias, activation, negative_slope, residual)
 
 
@@ -68,3 +91,44 @@ def normalize_act(input, mean, rstd, weight, bias, activation, negative_slope, r
 def output_dtype(input: torch.Tensor, residual) -> torch.dtype:
     """The dtype of act(bn(input) + residual): the input's, promoted with the residual's as an add does."""
     return input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward in pieces, for synchronized batch norm (the same contract as tritonbn.kernels.grouped)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual):
+    """(dz, xhat): dz = dy * act'(z) through the activation's own autograd, z recomputed from x."""
+    dtype = mean.dtype
+    xhat = (x.to(dtype) - _channel_view(mean, x.dim(), dtype)) * _channel_view(rstd, x.dim(), dtype)
+    z = xhat
+    if weight is not None:
+        z = z * _channel_view(weight, x.dim(), dtype)
+    if bias is not None:
+        z = z + _channel_view(bias, x.dim(), dtype)
+    if residual is not None:
+        z = z + residual.to(dtype)
+    with torch.enable_grad():
+        z = z.detach().requires_grad_()
+        (dz,) = torch.autograd.grad(activate(z, activation, negative_slope), z, dy.to(dtype))
+    return dz, xhat
+
+
+def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual):
+    """Per-channel (sum of dz, sum of dz * xhat): the bias and weight gradients."""
+    dz, xhat = _dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual)
+    return dz.sum(_reduce_dims(x)), (dz * xhat).sum(_reduce_dims(x))
+
+
+def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual, sum_dz, sum_dz_xhat,
+                   count, training=True):
+    """(grad input, grad residual = dz), given the sums over all ``count`` values of each channel."""
+    dz, xhat = _dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual)
+    scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
+    dxhat = dz
+    if training:  # the batch statistics depend on x: their gradient comes back through every value
+        dxhat = dz - _channel_view(sum_dz / count, x.dim(), dz.dtype) \
+            - xhat * _channel_view(sum_dz_xhat / count, x.dim(), dz.dtype)
+    dx = (dxhat * _channel_view(scale, x.dim(), dz.dtype)).to(x.dtype)
+    return dx, None if residual is None else dz.to(dy.dtype)

@@ -15,7 +15,7 @@ from torch import nn
 from . import reference
 from .backend import uses_kernels
 from .modules import _BatchNormAct
-from .reference import activate, compute_dtype, update_running_stats
+from .reference import compute_dtype, count_per_channel, update_running_stats
 from .validation import check_batch_norm_args, check_eps
 
 # ---------------------------------------------------------------------------------------------------
@@ -23,68 +23,13 @@ from .validation import check_batch_norm_args, check_eps
 # ---------------------------------------------------------------------------------------------------
 
 
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
-def _per_channel(values: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    return None if values is None else values.view([1, -1] + [1] * (x.dim() - 2))
-
-
-class _TorchPrimitives:
-    """The kernel launchers' contract written with torch ops, for CPU tensors without the interpreter."""
-
-    @staticmethod
-    def channel_moments(x):
-        xs = x.to(compute_dtype(x))
-        mean = xs.mean(_reduce_dims(x))
-        return mean, (xs - _per_channel(mean, x)).square().sum(_reduce_dims(x))
-
-    @staticmethod
-    def _pre_activation(x, mean, rstd, weight, bias, residual):
-        xhat = (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(rstd, x)
-        z = xhat
-        if weight is not None:
-            z = z * _per_channel(weight.to(mean.dtype), x)
-        if bias is not None:
-            z = z + _per_channel(bias.to(mean.dtype), x)
-        if residual is not None:
-            z = z + residual.to(mean.dtype)
-        return xhat, z
-
-    normalize_act = staticmethod(reference.normalize_act)
-
-    @staticmethod
-    def _dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual):
-        xhat, z = _TorchPrimitives._pre_activation(x, mean, rstd, weight, bias, residual)
-        with torch.enable_grad():
-            z = z.detach().requires_grad_()
-            (dz,) = torch.autograd.grad(activate(z, activation, negative_slope), z, dy.to(z.dtype))
-        return dz, xhat
-
-    @staticmethod
-    def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual):
-        dz, xhat = _TorchPrimitives._dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope,
-                                                 residual)
-        return dz.sum(_reduce_dims(x)), (dz * xhat).sum(_reduce_dims(x))
-
-    @staticmethod
-    def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual, sum_dz,
-                       sum_dz_xhat, count):
-        dz, xhat = _TorchPrimitives._dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope,
-                                                 residual)
-        scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-        dxhat = dz - _per_channel(sum_dz / count, x) - xhat * _per_channel(sum_dz_xhat / count, x)
-        dx = (dxhat * _per_channel(scale, x)).to(x.dtype)
-        return dx, None if residual is None else dz.to(residual.dtype)
-
-
 def _primitives(x: torch.Tensor):
+    """The module computing a rank's pieces: the kernels, or reference.py's same four functions."""
     if uses_kernels(x):
         from .kernels import grouped
 
         return grouped
-    return _TorchPrimitives
+    return reference
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,7 +43,7 @@ def _gather_moments(x: torch.Tensor, primitives, process_group) -> tuple[int, to
     The gathered triples travel in float64 so that counts stay exact and the merge loses nothing.
     """
     num_channels = x.shape[1]
-    local_count = x.numel() // num_channels
+    local_count = count_per_channel(x)
     if local_count > 0:
         mean, m2 = primitives.channel_moments(x)
     else:
@@ -200,9 +145,7 @@ class SyncBatchNormAct(_BatchNormAct):
         check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, residual, training=True,
                               check_batch_size=False)
         counts_batches = self.track_running_stats and self.num_batches_tracked is not None
-        average_factor = 0.0 if self.momentum is None else self.momentum
-        if counts_batches and self.momentum is None:  # cumulative moving average over the batches so far
-            average_factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        average_factor = self._average_factor(counts_batches, batches_before=1)  # counted only after the checks
         out = _SyncBatchNormActFunction.apply(
             input, self.weight, self.bias, residual, running_mean, running_var, self.eps, average_factor,
             self.activation, self.negative_slope, self.process_group or dist.group.WORLD,
