@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tritonbn
-from tritonbn.conversion import BatchNormThenAct2d, FuseReport
+from tritonbn.conversion import BatchNormThenAct2d, FusedSequential, FuseReport
 from tritonbn.modules import _BatchNormAct
 
 MODES = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
@@ -147,7 +147,7 @@ class UsedTwice(nn.Module):
 
 
 class DataDependent(nn.Module):
-    """Control flow on tensor values: torch.fx cannot trace it, so fuse falls back to nn.Sequential pairs."""
+    """Control flow on tensor values: torch.fx cannot trace it, so fuse falls back to FusedSequential."""
 
     def __init__(self):
         super().__init__()
@@ -290,16 +290,30 @@ def test_batch_norm_used_twice_is_left_alone():
     assert_same_computation(copy.deepcopy(model), fused, (2, 4, 8, 8), True)
 
 
+def called_modules(model, x):
+    """The types of the modules a call of ``model`` runs, in order (a global hook sees every module call)."""
+    called = []
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, output: called.append(type(module)))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return called
+
+
 @pytest.mark.parametrize("training", MODES)
-def test_untraceable_model_falls_back_to_sequential_pairs(training):
+def test_untraceable_model_falls_back_to_fused_sequentials(training):
     model = make(DataDependent)
     fused = tritonbn.fuse(model)
     report = fused.tritonbn_fuse_report
     assert report.method == "sequential" and "TraceError" in report.trace_error
-    assert type(fused) is DataDependent
+    assert type(fused) is DataDependent and type(fused.features) is FusedSequential
     assert fused_layers(fused) == {"features.1": ("silu", 0.01, False), "features.4": ("leaky_relu", 0.3, False)}
     assert list(report.unfused) == ["bn"]
-    assert type(fused.features[2]) is nn.Identity and type(fused.features[5]) is nn.Identity
+    # The container still holds the plain modules; called whole, it runs each pair as one fused module.
+    assert [type(m) for m in fused.features] == [type(m) for m in model.features]
+    assert called_modules(copy.deepcopy(fused.features), torch.randn(2, 3, 4, 4, dtype=torch.float64)) == [
+        nn.Conv2d, tritonbn.BatchNormAct2d, nn.Conv2d, tritonbn.BatchNormAct2d, FusedSequential]
     assert_same_computation(model, fused, (2, 3, 8, 8), training)
 
 

@@ -1,8 +1,9 @@
 """tritonbn.fuse / unfuse on the less common shapes of a model, in float64.
 
 Residual operands that broadcast, forward parameters with defaults, submodules and attributes that
-forward never uses, batch norm subclasses, the nn.Sequential fallback undone by unfuse, train/eval
-modes, and batch norms without a bias.  Models are tiny: on CPU the fused layers run interpreted.
+forward never uses, batch norm subclasses, the FusedSequential fallback (read inside, changed after
+fusing, undone by unfuse), train/eval modes, and batch norms without a bias.  Models are tiny: on CPU
+the fused layers run interpreted.
 """
 
 import copy
@@ -11,11 +12,11 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fuse import DataDependent, assert_same_computation, fused_layers, make
+from test_fuse import DataDependent, assert_same_computation, fused_layers, make, randomize_batch_norms
 from torch import nn
 
 import tritonbn
-from tritonbn.conversion import fused_residual_act
+from tritonbn.conversion import FusedSequential, fused_residual_act
 
 
 def is_tritonbn(module):
@@ -186,6 +187,81 @@ def test_batch_norm_subclass_stays_a_leaf_and_unfused():
     assert_same_computation(model, fused, (2, 3, 3, 3), True)
 
 
+class ReadsInside(nn.Module):
+    """Untraceable, and reads inside its nn.Sequential besides calling it whole: it takes the output of
+    every module in turn, and the first batch norm's output by indexing."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3), nn.SiLU())
+
+    def forward(self, x):
+        taps, y = [], x
+        for module in self.features:
+            y = module(y)
+            taps.append(y)
+        if y.mean() > 10:  # control flow on a tensor value: torch.fx cannot trace it
+            y = -y
+        taps += [self.features[1](self.features[0](x)), self.features(x), y]
+        return torch.cat([tap.flatten(1) for tap in taps], 1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fallback_keeps_what_code_reads_inside_the_sequential(training):
+    model = make(ReadsInside)
+    fused = tritonbn.fuse(model)
+    report = fused.tritonbn_fuse_report
+    assert report.method == "sequential"
+    assert fused_layers(fused) == {"features.1": ("relu", 0.01, False), "features.3": ("silu", 0.01, False)}
+    assert type(fused.features) is FusedSequential and len(fused.features) == 5
+    assert [type(m) for m in fused.features] == [type(m) for m in model.features]
+    assert_same_computation(model, fused, (2, 3, 3, 3), training)
+
+
+def double_output(module, args, output):
+    return output * 2
+
+
+def test_fused_sequential_follows_changes_after_fuse():
+    model = randomize_batch_norms(DataDependent())  # float32 until fused and called once
+    fused = tritonbn.fuse(model)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(fused(x), model(x))
+    fused.load_state_dict(model.state_dict())  # the same running statistics, float32 rounding aside
+    for changed in (model, fused):
+        changed.double()  # new buffer tensors, which the fused modules the call above made must use
+    assert_same_computation(model, fused, (2, 3, 4, 4), True)
+    for changed in (model, fused):
+        changed.features[4].momentum = None  # cumulative average from now on
+        changed.features[1].register_forward_hook(double_output)  # the pair must run as two plain calls
+        changed.features[5] = nn.ReLU6()
+    assert_same_computation(model, fused, (2, 3, 4, 4), True)
+    fused.load_state_dict(model.state_dict(), strict=True)
+    DataDependent().double().load_state_dict(fused.state_dict(), strict=True)
+    for copied in (copy.deepcopy(fused), torch.load(saved(fused), weights_only=False)):
+        assert type(copied.features) is FusedSequential
+        assert_same_computation(model, copied, (2, 3, 4, 4), False)
+
+
+class Stage(nn.Sequential):
+    """An nn.Sequential subclass: fuse cannot know what else its class does, so it stays as it is."""
+
+
+class UntraceableStage(DataDependent):
+    def __init__(self):
+        super().__init__()
+        self.features = Stage(*self.features)
+
+
+def test_fallback_leaves_sequential_subclasses():
+    model = make(UntraceableStage)
+    fused = tritonbn.fuse(model)
+    report = fused.tritonbn_fuse_report
+    assert report.method == "sequential" and report.fused == [] and type(fused.features) is Stage
+    assert "in a Stage; fuse leaves nn.Sequential subclasses as they are" == report.unfused["features.1"]
+    assert_same_computation(model, fused, (2, 3, 4, 4), True)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_unfuse_undoes_the_sequential_fallback(training):
     model = make(DataDependent).train(training)
@@ -193,6 +269,7 @@ def test_unfuse_undoes_the_sequential_fallback(training):
     assert fused.tritonbn_fuse_report.method == "sequential"
     assert_all_modes(fused, training)
     plain = tritonbn.unfuse(fused)
+    assert type(plain.features) is nn.Sequential
     assert [type(m) for m in plain.features] == [type(m) for m in model.features]
     assert plain.features[5].negative_slope == 0.3
     assert_all_modes(plain, training)

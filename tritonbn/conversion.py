@@ -5,8 +5,10 @@ only an activation -- optionally through a residual add first, ``act(bn(x) + ide
 ``BatchNormAct{1,2,3}d`` call.  The fused module is registered under the batch norm's own name and
 shares its parameters and buffers.  The result keeps every submodule, parameter, buffer and plain
 attribute of the model, in order and in the same train/eval mode, so ``state_dict`` keys are unchanged
-and checkpoints load either way.  Models that torch.fx cannot trace fall back to rewriting adjacent
-(batch norm, activation) pairs inside ``nn.Sequential``.
+and checkpoints load either way.  Hooks keep running (see `fuse`): a batch norm or activation module
+with hooks stays unfused, and a module with hooks is fused as a model of its own that carries them.
+Models that torch.fx cannot trace fall back to `FusedSequential`: ``nn.Sequential`` containers that fuse
+their (batch norm, activation) pairs when called whole and still hold the plain modules.
 
 Every call returns a model carrying a `FuseReport` as ``model.tritonbn_fuse_report`` and logs it.
 """
@@ -18,6 +20,7 @@ import functools
 import inspect
 import logging
 import operator
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -49,8 +52,8 @@ class FusedLayer:
 
 @dataclass
 class FuseReport:
-    """What `fuse` did: ``method`` is "fx" or "sequential" (the fallback for untraceable models),
-    ``fused`` lists the replaced batch norms, ``unfused`` maps every other batch norm to the reason.
+    """What `fuse` did: ``method`` is "fx" or "sequential" (the `FusedSequential` fallback for untraceable
+    models), ``fused`` lists the replaced batch norms, ``unfused`` maps every other batch norm to the reason.
 
     ``specialized`` maps each ``forward`` parameter that has a default value to that value: torch.fx
     traced ``forward`` with the default, and the fused model raises a ValueError when called with
@@ -75,6 +78,46 @@ class FuseReport:
         for name, reason in self.unfused.items():
             lines.append(f"  unfused {name}: {reason}")
         return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hooks
+# ---------------------------------------------------------------------------------------------------
+
+# The hooks nn.Module.__call__ runs around forward, and what to call them in a report.  The other call
+# hook dicts (_forward_hooks_with_kwargs, _forward_hooks_always_called, ...) only flag entries of these.
+_CALL_HOOKS = {
+    "_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
+    "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook",
+}
+
+# Every attribute a module's own hooks live in.  A GraphModule starts with none of its root's hooks.
+_HOOK_ATTRIBUTES = (
+    *_CALL_HOOKS, "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_is_full_backward_hook", "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _call_hooks(module: nn.Module) -> str:
+    """The kinds of hooks ``module.__call__`` runs for ``module`` ("forward hook and backward hook"), or ""."""
+    return " and ".join(kind for attribute, kind in _CALL_HOOKS.items() if module.__dict__.get(attribute))
+
+
+def _bypassed(hooks: str, name: str) -> str:
+    return f"{hooks} on {name}, which a fused call would bypass"
+
+
+def _has_legacy_backward_hook(module: nn.Module) -> bool:
+    """Whether ``module`` has a hook from the deprecated ``register_backward_hook``: it gets the gradients
+    of the last operation ``module`` ran, which fusing anything inside ``module`` may change."""
+    return bool(module.__dict__.get("_backward_hooks")) and module.__dict__.get("_is_full_backward_hook") is False
+
+
+def _legacy_hook_reason(name: str) -> str:
+    owner = name or "the model"
+    return (f"{owner} has a backward hook from register_backward_hook, which sees the gradients of {owner}'s "
+            "last operation; fusing inside it could change them")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,12 +305,15 @@ def _is_skeleton(module: nn.Module) -> bool:
 
 def _keep_everything_of(source: nn.Module, target: nn.Module) -> None:
     """Give GraphModule ``target`` every submodule, parameter, buffer and plain attribute of ``source``
-    that its graph does not use, in ``source``'s order and train/eval modes.
+    that its graph does not use, in ``source``'s order and train/eval modes, and ``source``'s hooks.
 
-    GraphModule copies only what its graph references, into fresh containers; where ``target`` already
-    holds a module of its own at a path (a fused replacement) that module stays.
+    GraphModule copies only what its graph references, into fresh containers, and no hooks; where
+    ``target`` already holds a module of its own at a path (a fused replacement) that module stays.
+    The hook dicts are shared, not copied, so that the handles ``register_*_hook`` returned for
+    ``source`` still remove them.
     """
     target.training = source.training
+    target.__dict__.update((name, source.__dict__[name]) for name in _HOOK_ATTRIBUTES if name in source.__dict__)
     for slot in ("_parameters", "_buffers", "_modules"):
         own, theirs = getattr(target, slot), getattr(source, slot)
         merged = {name: own.get(name, value) for name, value in theirs.items()}
@@ -319,19 +365,22 @@ def _rebuild_fused_graph_module(state: dict, import_block: str) -> _FusedGraphMo
 
 
 # ---------------------------------------------------------------------------------------------------
-# fuse
+# Fusing in a torch.fx graph
 # ---------------------------------------------------------------------------------------------------
 
 class _Tracer(fx.Tracer):
-    """Keeps every batch norm (plain, subclassed or already fused) and every tritonbn module a leaf.
+    """Keeps every batch norm (plain, subclassed or already fused), every tritonbn module and every module
+    with hooks a leaf.
 
     Tracing into a batch norm's forward would only inline torch's code (and fails on subclasses that
     branch on tensor values); batch norm subclasses are then left unfused as not exactly nn.BatchNorm*d.
+    Tracing into a module with hooks would run its hooks once, on proxies: a hook that changes the output
+    would be baked into the graph and one that records it would never run again.
     """
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return (isinstance(module, _BatchNorm) or type(module).__module__.startswith("tritonbn.")
-                or super().is_leaf_module(module, qualified_name))
+                or bool(_call_hooks(module)) or super().is_leaf_module(module, qualified_name))
 
 
 # Defaults torch.fx guards when it specialises on them: it asserts at run time that the value is the same.
@@ -360,6 +409,10 @@ def _specialized_defaults(model: nn.Module) -> dict[str, object]:
     return specialized
 
 
+def _is_default(value, default) -> bool:
+    return value is default or (type(value) is type(default) and value == default)
+
+
 @fx.node.has_side_effect  # a graph pass must not drop it as dead code
 def check_traced_default(value, default, name: str) -> None:
     """Raise unless ``value`` is ``default``, the value of ``forward``'s parameter ``name`` that `fuse`
@@ -368,7 +421,7 @@ def check_traced_default(value, default, name: str) -> None:
     if proxy is not None:
         proxy.tracer.create_proxy("call_function", check_traced_default, (value, default, name), {})
         return
-    if value is default or (type(value) is type(default) and value == default):
+    if _is_default(value, default):
         return
     given = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
     raise ValueError(f"tritonbn.fuse traced forward with {name}={default!r} and the fused model computes only "
@@ -406,8 +459,19 @@ def _guard_placeholder(graph: fx.Graph, placeholder: fx.Node, name: str, default
         graph.call_function(check_traced_default, (placeholder, default, name))
 
 
-def _match_pattern(bn_node: fx.Node, modules) -> tuple[list[fx.Node], fx.Node | None, tuple[str, float]] | str:
-    """Nodes to replace (bn, [add], [activation]), the residual and the activation; or why not."""
+def _node_hooks(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    return _call_hooks(modules[node.target]) if node.op == "call_module" else ""
+
+
+def _match_pattern(bn_node: fx.Node, modules, prefix: str
+                   ) -> tuple[list[fx.Node], fx.Node | None, tuple[str, float]] | str:
+    """Nodes to replace (bn, [add], [activation]), the residual and the activation; or why not.
+
+    Modules with hooks are not fused away: the fused call would bypass them.
+    """
+    hooks = _node_hooks(bn_node, modules)
+    if hooks:
+        return _bypassed(hooks, prefix + bn_node.target)
     users = list(bn_node.users)
     if len(users) != 1:
         return f"output used by {len(users)} nodes"
@@ -416,6 +480,9 @@ def _match_pattern(bn_node: fx.Node, modules) -> tuple[list[fx.Node], fx.Node | 
     follower = users[0]
     activation = _node_activation(follower, modules)
     if activation is not None and follower.args[0] is bn_node:
+        hooks = _node_hooks(follower, modules)
+        if hooks:
+            return _bypassed(hooks, prefix + follower.target)
         return [bn_node, follower], None, activation
     if follower.op == "call_function" and follower.target is fused_residual_act:
         return "output is the residual that another fused batch norm adds"
@@ -425,36 +492,109 @@ def _match_pattern(bn_node: fx.Node, modules) -> tuple[list[fx.Node], fx.Node | 
     after_add = list(follower.users)
     if len(after_add) == 1:
         activation = _node_activation(after_add[0], modules)
-        if activation is not None and after_add[0].args[0] is follower:
+        if activation is not None and after_add[0].args[0] is follower and not _node_hooks(after_add[0], modules):
             return [bn_node, follower, after_add[0]], residual, activation
-    # The sum is used elsewhere or not by an activation: fuse the add alone.
+    # The sum is used elsewhere, or not by an activation, or by an activation module whose hooks must see
+    # it: fuse the add alone.
     return [bn_node, follower], residual, ("identity", _DEFAULT_SLOPE)
 
 
-def _fuse_graph(model: nn.Module, report: FuseReport, bn_names: list[str]) -> fx.GraphModule:
+def _batch_norm_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if type(module) in _PLAIN_BATCH_NORMS]
+
+
+def _inside(name: str, container: str) -> bool:
+    return name.startswith(f"{container}.")
+
+
+def _fuse_graph(model: nn.Module, report: FuseReport, prefix: str = "") -> fx.GraphModule:
+    """Trace ``model`` and fuse its patterns.  The report names modules with ``prefix`` in front: the
+    path of ``model`` when it is a module with hooks that `_fuse_hooked_modules` fuses on its own."""
     specialized = _specialized_defaults(model)
     traced = _FusedGraphModule(model, _trace(model, specialized), type(model).__name__)
     report.specialized = specialized
+    bn_names = _batch_norm_names(model)
+    if _has_legacy_backward_hook(model):
+        reason = _legacy_hook_reason(prefix.removesuffix("."))
+        report.unfused.update(dict.fromkeys((prefix + name for name in bn_names), reason))
+        return traced
     modules = dict(traced.named_modules())
     calls: dict[str, list[fx.Node]] = {}
     for node in traced.graph.nodes:
         if node.op == "call_module" and type(modules[node.target]) in _PLAIN_BATCH_NORMS:
             calls.setdefault(node.target, []).append(node)
+    hooked = _hooked_modules(traced, modules, bn_names)
     for name in bn_names:
+        if any(_inside(name, container) for container in hooked):
+            continue  # `_fuse_hooked_modules` reports it
         nodes = calls.get(name, [])
         if len(nodes) != 1:
-            report.unfused[name] = "not called in the traced forward" if not nodes else "called at several places"
+            reason = "not called in the traced forward" if not nodes else "called at several places"
+            report.unfused[prefix + name] = reason
             continue
-        match = _match_pattern(nodes[0], modules)
+        match = _match_pattern(nodes[0], modules, prefix)
         if isinstance(match, str):
-            report.unfused[name] = match
+            report.unfused[prefix + name] = match
             continue
         replaced, residual, (activation, slope) = match
         _replace_nodes(traced, replaced, residual, _fused_from_batch_norm(modules[name], activation, slope))
-        report.fused.append(FusedLayer(name, activation, slope, residual is not None))
+        report.fused.append(FusedLayer(prefix + name, activation, slope, residual is not None))
+    _fuse_hooked_modules(traced, hooked, bn_names, report, prefix)
     traced.graph.lint()
     traced.recompile()
     return traced
+
+
+def _hooked_modules(traced: fx.GraphModule, modules: dict[str, nn.Module], bn_names: list[str]
+                    ) -> dict[str, list[fx.Node]]:
+    """The graph's calls of modules with hooks that hold batch norms (the tracer kept them whole), by path.
+
+    A module inside another one of them is left to that one: the graph holds the outer module itself,
+    shared with the model, so nothing inside it may be replaced here.
+    """
+    hooked: dict[str, list[fx.Node]] = {}
+    for node in traced.graph.find_nodes(op="call_module"):
+        if _call_hooks(modules[node.target]) and any(_inside(name, node.target) for name in bn_names):
+            hooked.setdefault(node.target, []).append(node)
+    return {path: nodes for path, nodes in hooked.items() if not any(_inside(path, other) for other in hooked)}
+
+
+def _fuse_hooked_modules(traced: fx.GraphModule, hooked: dict[str, list[fx.Node]], bn_names: list[str],
+                         report: FuseReport, prefix: str) -> None:
+    """Fuse inside each module with hooks as a model of its own (see `_fuse_graph`), and put the result in
+    its place when it fused something.  The result carries the module's hooks (see `_keep_everything_of`),
+    and its calls get and return what the module's calls did, so the hooks see the same values."""
+    for path, nodes in hooked.items():
+        module = traced.get_submodule(path)
+        why, own_report = None, FuseReport("fx")
+        if any(node.op in ("call_module", "get_attr") and _inside(node.target, path) for node in traced.graph.nodes):
+            why = "forward also uses modules inside it directly"
+        else:
+            try:
+                fused = _fuse_graph(module, own_report, f"{prefix}{path}.")
+                why = _call_off_trace(nodes, module, own_report.specialized)
+            except Exception as error:  # noqa: BLE001 -- as in `fuse`: any failure means "untraceable"
+                why = f"torch.fx cannot trace it on its own: {type(error).__name__}: {error}"
+        if why is not None:
+            reason = f"inside {prefix}{path}, kept whole to run its {_call_hooks(module)}; {why}"
+            report.unfused.update((prefix + name, reason) for name in bn_names if _inside(name, path))
+            continue
+        if own_report.fused:
+            traced.add_submodule(path, fused)
+        report.fused += own_report.fused
+        report.unfused.update(own_report.unfused)
+
+
+def _call_off_trace(nodes: list[fx.Node], module: nn.Module, specialized: dict[str, object]) -> str | None:
+    """Why a call in ``nodes`` would make ``module`` fused with its ``specialized`` defaults raise (it
+    passes another value for one of them), or None."""
+    signature = inspect.signature(inspect.unwrap(type(module).forward))
+    for node in nodes:
+        passed = signature.bind(module, *node.args, **node.kwargs).arguments
+        for name, default in specialized.items():
+            if name in passed and not _is_default(passed[name], default):
+                return f"it is called with {name}={passed[name]}, while torch.fx traces its default {default!r}"
+    return None
 
 
 def _replace_nodes(traced: fx.GraphModule, replaced: list[fx.Node], residual, fused: nn.Module) -> None:
@@ -472,29 +612,101 @@ def _replace_nodes(traced: fx.GraphModule, replaced: list[fx.Node], residual, fu
     traced.add_submodule(bn_node.target, fused)
 
 
-def _fuse_sequential_pairs(model: nn.Module, report: FuseReport, bn_names: list[str]) -> None:
-    uses: dict[int, int] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        uses[id(module)] = uses.get(id(module), 0) + 1
-    for prefix, container in model.named_modules():
+# ---------------------------------------------------------------------------------------------------
+# The fallback for models torch.fx cannot trace
+# ---------------------------------------------------------------------------------------------------
+
+def _fusable_pair(bn: nn.Module, follower: nn.Module | None) -> tuple[str, float] | None:
+    """The (activation, negative slope) when ``bn`` is a plain batch norm and ``follower`` an activation
+    module, neither with hooks: then one fused call computes what calling both in turn does."""
+    if type(bn) not in _PLAIN_BATCH_NORMS:
+        return None
+    activation = _module_activation(follower)
+    if activation is None or _call_hooks(bn) or _call_hooks(follower):
+        return None
+    return activation
+
+
+# Batch norm -> (its settings, the fused module `_fused_view` made for them).  Weak, so that a batch norm's
+# entry goes with it; the entry does not refer to the batch norm itself.
+_FUSED_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fused_view(bn: nn.Module, activation: str, negative_slope: float) -> nn.Module:
+    """A fused module computing ``activation(bn(input))`` with ``bn``'s very parameter and buffer dicts, so
+    that it follows whatever is done to them later (``.to()``, ``.double()``, new tensors assigned);
+    made again when a setting of ``bn`` or the activation changes."""
+    settings = (bn.training, bn.eps, bn.momentum, bn.track_running_stats, activation, negative_slope)
+    cached = _FUSED_VIEWS.get(bn)
+    if cached is None or cached[0] != settings:
+        fused = _fused_from_batch_norm(bn, activation, negative_slope)
+        vars(fused).update(_parameters=bn._parameters, _buffers=bn._buffers)
+        cached = _FUSED_VIEWS[bn] = (settings, fused)
+    return cached[1]
+
+
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` that computes each adjacent (batch norm, activation module) pair with one fused
+    call when it is called whole: what `fuse` makes of an ``nn.Sequential`` when torch.fx cannot trace
+    the model.
+
+    It holds, indexes and iterates over the very modules it held before, so code that reads inside it
+    (``seq[1](x)``, ``for m in seq``) sees plain batch norms and activations computing what they always
+    did.  Its forward finds the pairs on every call, so it computes what ``nn.Sequential`` computes for
+    whatever the container holds then: a pair whose batch norm or activation has hooks at that time
+    runs as two plain calls.
+    """
+
+    def forward(self, input):
+        modules = list(self._modules.values())
+        index = 0
+        while index < len(modules):
+            follower = modules[index + 1] if index + 1 < len(modules) else None
+            activation = _fusable_pair(modules[index], follower)
+            if activation is None:
+                input = modules[index](input)
+                index += 1
+            else:
+                input = _fused_view(modules[index], *activation)(input)
+                index += 2
+        return input
+
+
+def _fuse_sequentials(model: nn.Module, report: FuseReport) -> None:
+    """Make every ``nn.Sequential`` of ``model`` that holds a pair `FusedSequential` fuses one, in place: its
+    class changes, while the object, its modules and its hooks stay."""
+    reasons = dict.fromkeys(_batch_norm_names(model), "not followed by an activation module inside an nn.Sequential")
+    blocked = [name for name, module in model.named_modules() if _has_legacy_backward_hook(module)]
+    for path, container in model.named_modules():
         if not isinstance(container, nn.Sequential):
             continue
-        keys = list(container._modules)
-        for key, next_key in zip(keys, keys[1:]):
-            bn, follower = container._modules[key], container._modules[next_key]
-            activation = _module_activation(follower) if follower is not None else None
-            if type(bn) not in _PLAIN_BATCH_NORMS or activation is None or uses[id(bn)] != 1:
+        owner = next((name for name in blocked if name in ("", path) or _inside(path, name)), None)
+        modules = list(container._modules.values())
+        names = [f"{path}.{key}" if path else key for key in container._modules]
+        for index, (bn, follower) in enumerate(zip(modules, modules[1:])):
+            activation = _module_activation(follower)
+            if type(bn) not in _PLAIN_BATCH_NORMS or activation is None:
                 continue
-            container._modules[key] = _fused_from_batch_norm(bn, *activation)
-            # The activation is now applied by the fused module; keep the slot so indices stay put.  `unfuse`
-            # puts the activation back into it.
-            container._modules[next_key] = nn.Identity().train(follower.training)
-            report.fused.append(FusedLayer(f"{prefix}.{key}" if prefix else key, *activation, False))
-    fused_names = {layer.name for layer in report.fused}
-    for name in bn_names:
-        if name not in fused_names:
-            report.unfused[name] = "not followed by an activation inside an nn.Sequential"
+            if type(container) not in (nn.Sequential, FusedSequential):
+                # Its class's own methods would be lost with the class.
+                kind = type(container).__name__
+                reasons[names[index]] = f"in a {kind}; fuse leaves nn.Sequential subclasses as they are"
+            elif owner is not None:
+                reasons[names[index]] = _legacy_hook_reason(owner)
+            elif hooks := _call_hooks(bn):
+                reasons[names[index]] = _bypassed(hooks, names[index])
+            elif hooks := _call_hooks(follower):
+                reasons[names[index]] = _bypassed(hooks, names[index + 1])
+            else:
+                reasons.pop(names[index], None)
+                report.fused.append(FusedLayer(names[index], *activation, False))
+                container.__class__ = FusedSequential
+    report.unfused.update(reasons)
 
+
+# ---------------------------------------------------------------------------------------------------
+# fuse
+# ---------------------------------------------------------------------------------------------------
 
 def _other_batch_norms(model: nn.Module) -> dict[str, str]:
     """Batch norms `fuse` leaves as they are whatever follows them, with the reason: subclasses of
@@ -510,10 +722,11 @@ def _other_batch_norms(model: nn.Module) -> dict[str, str]:
 def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replace batch norm + activation (+ residual add) patterns of ``model`` by fused tritonbn modules.
 
-    Returns a ``torch.fx.GraphModule`` when torch.fx can trace ``model``, otherwise ``model``'s structure
-    with (batch norm, activation) pairs inside nn.Sequential fused.  The returned model's
-    ``tritonbn_fuse_report`` attribute is a `FuseReport` listing what was fused and why every other
-    batch norm was not; batch norms left unfused are the same objects.
+    Returns a ``torch.fx.GraphModule`` when torch.fx can trace ``model``, otherwise ``model`` with each
+    ``nn.Sequential`` that holds a (batch norm, activation module) pair turned into a `FusedSequential`,
+    which fuses the pair when called whole and still holds, indexes and iterates over the plain modules.
+    The returned model's ``tritonbn_fuse_report`` attribute is a `FuseReport` listing what was fused and
+    why every other batch norm was not; batch norms left unfused are the same objects.
 
     The GraphModule runs the traced ``forward``.  It holds every submodule, parameter, buffer and plain
     instance attribute of ``model`` -- those ``forward`` does not use too -- under the same names, in
@@ -526,6 +739,20 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     raises a ValueError when given another value (see `FuseReport.specialized`); a ``forward``
     taking ``*args``/``**kwargs`` or a default torch.fx cannot guard takes the nn.Sequential fallback.
 
+    Hooks (forward, forward pre-, backward and backward pre-hooks, with kwargs or always called too) run
+    as in ``model``.  A batch norm with hooks stays unfused, and so does one whose activation module has
+    hooks (a residual add alone is still fused into it): the fused call would bypass them.  ``model``'s
+    own hooks move to the GraphModule.  A module with hooks that holds batch norms is fused as a model
+    of its own, a GraphModule in its place that carries its hooks, so they see the same inputs and
+    outputs; the report says why when that is impossible.  A deprecated ``register_backward_hook`` hook
+    sees the gradients of its module's last operation, so nothing inside its module is fused.  Hooks
+    receive the GraphModule as their module argument.  With ``inplace=True`` the GraphModule shares the
+    hook dicts of the module it replaces, so the handles that registered them still remove them.
+    Global hooks (``torch.nn.modules.module.register_module_forward_hook`` and the like) are left alone:
+    they run for every module the fused model calls, a fused module included, and not for the
+    activation modules it no longer calls.  In the fallback, a `FusedSequential` checks the hooks of a
+    pair's modules whenever it is called.
+
     ``inplace=False`` works on a deep copy and leaves ``model`` untouched; ``inplace=True`` skips the
     copy: the result shares parameters, buffers and modules with ``model`` (so an optimizer built on
     ``model`` keeps working), and the sequential fallback rewrites ``model`` itself.
@@ -536,13 +763,12 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     if not inplace:
         model = copy.deepcopy(model)
-    bn_names = [name for name, module in model.named_modules() if type(module) in _PLAIN_BATCH_NORMS]
     try:
         report = FuseReport("fx")
-        result = _fuse_graph(model, report, bn_names)
+        result = _fuse_graph(model, report)
     except Exception as error:  # noqa: BLE001 -- tracing runs arbitrary user code; any failure means "untraceable"
         report = FuseReport("sequential", trace_error=f"{type(error).__name__}: {error}")
-        _fuse_sequential_pairs(model, report, bn_names)
+        _fuse_sequentials(model, report)
         result = model
     report.unfused.update(_other_batch_norms(model))
     setattr(result, REPORT_ATTRIBUTE, report)
@@ -663,10 +889,16 @@ def _unfuse_graph(traced: fx.GraphModule, kinds) -> None:
     traced.recompile()
 
 
+def _unfuse_graph_module(traced: fx.GraphModule, kinds) -> fx.GraphModule:
+    _unfuse_graph(traced, kinds)
+    plain = fx.GraphModule(traced, traced.graph, type(traced).__name__)
+    _keep_everything_of(traced, plain)
+    return plain
+
+
 def _unfuse_modules(model: nn.Module, kinds) -> nn.Module:
-    """Replace fused modules outside a graph: inside an nn.Sequential, a fused module followed by an
-    nn.Identity (the slot the sequential fallback of `fuse` emptied) becomes the plain batch norm and
-    the activation goes into that slot; anywhere else it becomes a ``BatchNormThenAct*d``."""
+    """Replace fused modules outside a graph by ``BatchNormThenAct*d``, and make every `FusedSequential` an
+    nn.Sequential again (it holds the plain modules)."""
     def then_activation(fused: nn.Module) -> nn.Module:
         plain = _plain_from_fused(fused, kinds[type(fused)][1])
         plain.act = activation_module(fused.activation, fused.negative_slope).train(fused.training)
@@ -675,18 +907,10 @@ def _unfuse_modules(model: nn.Module, kinds) -> nn.Module:
     if type(model) in kinds:
         return then_activation(model)
     for parent in list(model.modules()):
-        keys = list(parent._modules)
-        for index, key in enumerate(keys):
-            fused = parent._modules[key]
-            if type(fused) not in kinds:
-                continue
-            slot = keys[index + 1] if isinstance(parent, nn.Sequential) and index + 1 < len(keys) else None
-            placeholder = parent._modules[slot] if slot is not None else None
-            if type(placeholder) is nn.Identity:
-                parent._modules[key] = _plain_from_fused(fused, kinds[type(fused)][0])
-                act = activation_module(fused.activation, fused.negative_slope)
-                parent._modules[slot] = act.train(placeholder.training)
-            else:
+        if type(parent) is FusedSequential:
+            parent.__class__ = nn.Sequential
+        for key, fused in parent._modules.items():
+            if type(fused) in kinds:
                 parent._modules[key] = then_activation(fused)
     return model
 
@@ -694,24 +918,28 @@ def _unfuse_modules(model: nn.Module, kinds) -> nn.Module:
 def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Turn every fused tritonbn module of ``model`` back into plain PyTorch modules.
 
-    In a GraphModule (what `fuse` returns) each fused call becomes ``nn.BatchNorm*d`` (or
-    ``nn.SyncBatchNorm``) followed by ``operator.add`` for the residual and the torch.nn.functional
-    activation, and the result is a plain ``torch.fx.GraphModule`` holding every module, parameter,
-    buffer and attribute of ``model`` (pickling or deep-copying it then follows torch.fx, which keeps
-    only what the graph uses).  In an nn.Sequential a fused module followed by the nn.Identity that
-    `fuse`'s fallback left becomes the batch norm and the activation module again.  Fused modules
-    elsewhere become ``BatchNormThenAct*d``: a subclass of the plain batch norm that applies the add
-    and activation with torch ops.  State_dict keys do not change, so checkpoints load into the
+    In a GraphModule (what `fuse` returns, and what it puts in place of a module with hooks) each fused
+    call becomes ``nn.BatchNorm*d`` (or ``nn.SyncBatchNorm``) followed by ``operator.add`` for the residual
+    and the torch.nn.functional activation, and the GraphModule becomes a plain ``torch.fx.GraphModule``
+    holding every module, parameter, buffer, attribute and hook of the original one (pickling or
+    deep-copying it then follows torch.fx, which keeps only what the graph uses and no forward or
+    backward hooks).  A `FusedSequential` (`fuse`'s fallback) becomes the nn.Sequential it was.  Fused
+    modules elsewhere become ``BatchNormThenAct*d``: a subclass of the plain batch norm that applies the
+    add and activation with torch ops.  State_dict keys do not change, so checkpoints load into the
     original model.
     """
     if not inplace:
         model = copy.deepcopy(model)
     kinds = _fused_module_kinds()
-    if isinstance(model, fx.GraphModule):
-        _unfuse_graph(model, kinds)
-        plain = fx.GraphModule(model, model.graph, type(model).__name__)
-        _keep_everything_of(model, plain)
-        model = plain
+    graph_modules = [name for name, module in model.named_modules() if isinstance(module, fx.GraphModule)]
+    # named_modules lists a module before the modules inside it: reversed, a GraphModule's plain
+    # replacement is made once those of the GraphModules inside it are in place.
+    for name in reversed(graph_modules):
+        plain = _unfuse_graph_module(model.get_submodule(name), kinds)
+        if name:
+            model.set_submodule(name, plain)
+        else:
+            model = plain
     # The report describes the fused model, and pickling it would need tritonbn.
     model.__dict__.pop(REPORT_ATTRIBUTE, None)
     return _unfuse_modules(model, kinds)
