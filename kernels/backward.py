@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .activations import IDENTITY, activation_backward
 from .launch import Launcher
-from .plan import device_index, ncs_strides, output_layout, split_float
+from .plan import dense, device_index, ncs_strides, output_layout, split_float
 from .tiles import (
     BATCH,
     GIVEN,
@@ -202,6 +202,7 @@ class BackwardPlan:
         tiling = forward.tiling
         identity = forward.activation_id == IDENTITY.value
         self.forward = forward
+        self.copy_params = forward.copy_params or not forward.dense_running
         self.copy_dy = ncs_strides(shape, dy.stride()) is None
         dy_ncs = ncs_strides(shape, forward.out_stride if self.copy_dy else dy.stride())
         x_ncs = forward.x_ncs
@@ -250,6 +251,8 @@ class BackwardPlan:
             x = x.contiguous()
         if residual is not None and self.forward.copy_residual:
             residual = residual.contiguous()
+        if self.copy_params:
+            weight, bias, running_mean, running_var = map(dense, (weight, bias, running_mean, running_var))
         device = dy.device
         dx = torch.empty_strided(self.forward.shape, self.dx_stride, dtype=x.dtype, device=device) \
             if self.need_input else None

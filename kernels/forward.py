@@ -21,6 +21,7 @@ from .launch import Launcher
 from .plan import (
     Tiling,
     compute_dtype,
+    dense,
     device_index,
     ncs_strides,
     output_layout,
@@ -166,6 +167,8 @@ class ForwardPlan:
         self.training = training
         self.update_running = training and running_mean is not None
         self.dense_running = running_mean is None or running_mean.stride() == (1,)
+        # The kernels index per-channel tensors as dense vectors; a strided one (a view) is copied per call.
+        self.copy_params = any(t is not None and t.stride() != (1,) for t in (weight, bias))
         self.tiling = tiling = Tiling(self.R, self.C, self.x_ncs[1] == 1, x.device, x.element_size(),
                                       torch.finfo(self.stats_dtype).bits // 8)
         self.workspace_numel = 2 * self.C + 2 * tiling.num_splits * self.C  # mean and rstd, then the partials
@@ -188,6 +191,8 @@ class ForwardPlan:
             x = x.contiguous()
         if self.copy_residual:
             residual = residual.contiguous()
+        if self.copy_params:
+            weight, bias = dense(weight), dense(bias)
         y = torch.empty_strided(self.shape, self.out_stride, dtype=self.out_dtype, device=x.device)
         workspace = None
         if self.training:

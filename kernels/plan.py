@@ -94,6 +94,11 @@ def output_layout(shape, stride) -> tuple[tuple[int, ...], bool]:
     return torch.empty_like(torch.empty_strided(shape, stride, device="meta")).stride(), False
 
 
+def dense(t):
+    """``t`` (or None) as a dense tensor: the kernels index per-channel vectors with stride 1."""
+    return None if t is None else t.contiguous()
+
+
 def compute_dtype(dtype: torch.dtype):
     """The Triton dtype of the arithmetic: float64 for float64 input, else float32."""
     return tl.float64 if dtype == torch.float64 else tl.float32

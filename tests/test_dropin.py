@@ -189,3 +189,27 @@ def test_double_backward_matches_pytorch(device, training, with_residual):
     got, expected = penalty(True), penalty(False)
     torch.testing.assert_close(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_strided_per_channel_tensors(device, training):
+    """Weight, bias and running statistics that are views with a stride (every other element of a buffer),
+    in the forward, the running-statistics update and every gradient."""
+    buffers = [torch.randn(8, device=device, dtype=torch.float64) for _ in range(4)]
+    buffers[1].uniform_(0.5, 2.0)
+    buffers[3].uniform_(0.5, 2.0)
+    weight, bias = (b[::2].detach().clone().requires_grad_() for b in buffers[:2])
+    weight_view = torch.zeros(8, device=device, dtype=torch.float64)
+    weight_view[::2] = weight.detach()
+    weight_view = weight_view[::2].requires_grad_()
+    running_mean, running_var = buffers[2][::2], buffers[3][::2]
+    expected_mean, expected_var = running_mean.clone(), running_var.clone()
+    x = torch.randn(3, 4, 5, 5, device=device, dtype=torch.float64, requires_grad=True)
+    y = tritonbn.batch_norm_act(x, running_mean, running_var, weight_view, bias, training)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = torch.relu(torch.nn.functional.batch_norm(x_ref, expected_mean, expected_var, weight, bias, training))
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close((running_mean, running_var), (expected_mean, expected_var))
+    grad = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, (x, weight_view, bias), grad),
+                               torch.autograd.grad(y_ref, (x_ref, weight, bias), grad))
