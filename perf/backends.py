@@ -16,9 +16,7 @@ import torch.nn.functional as F
 
 from tritonbn import reference
 
-BUILTIN = ("tritonbn", "eager", "compile")
-OPTIONAL = ("flag_gems", "apex")
-ALL = BUILTIN + OPTIONAL
+from .constants import BACKENDS
 
 
 def eager_batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
@@ -136,7 +134,7 @@ def resolve(names) -> tuple[list[Backend], dict[str, str]]:
     backends, skipped = [], {}
     for name in names:
         if name not in _REGISTRY:
-            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(ALL)}")
+            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
         fn, missing, unsupported = _REGISTRY[name]
         reason = missing()
         if reason is not None:

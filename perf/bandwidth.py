@@ -17,8 +17,6 @@ same run (read + write of a large buffer), the practical ceiling for a memory-bo
 
 import torch
 
-MODES = ("fwd", "bwd", "fwd_bwd", "eval")
-
 
 def min_passes(mode: str, residual: bool, activation: str = "relu") -> int:
     fwd = 2 + int(residual)

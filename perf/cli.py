@@ -16,9 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-MODES = ("fwd", "bwd", "fwd_bwd", "eval")
-DTYPES = ("fp32", "fp16", "bf16", "fp64")
-LAYOUTS = ("nchw", "nhwc")
+from .constants import BACKENDS, DTYPES, LAYOUTS, MODES, activations
 
 
 class UsageError(Exception):
@@ -68,12 +66,6 @@ def _positives(text):
     return tuple(_positive(item) for item in text.split(","))
 
 
-def _activations():
-    from tritonbn import ACTIVATIONS
-
-    return tuple(ACTIVATIONS)
-
-
 def _flatten(lists):
     return [item for items in lists for item in items]
 
@@ -85,20 +77,19 @@ def _add_device(parser):
 
 
 def _add_sweep(sub):
-    from .backends import ALL as BACKENDS
-    from .shapes import PRESETS
+    from .shapes import NETWORK_PRESETS, PRESETS
 
     p = sub.add_parser("sweep", help="time every backend over shapes, dtypes, layouts, activations and modes")
     p.add_argument("--preset", type=_choices(PRESETS, "preset"), action="append", default=[],
                    help=f"shape presets, comma-separated or repeated: {', '.join(PRESETS)} "
                         "(default: resnet50 on CUDA, tiny on CPU)")
     p.add_argument("--shape", type=_shape, action="append", default=[], help="extra shape N,C[,H,W[,D]]")
-    p.add_argument("--batch", type=_positive, default=None, help="batch size for network presets "
-                   "(resnet50 and mobilenetv2: 64, resnet3d: 8, mlp: 4096)")
-    p.add_argument("--dtype", type=_choices(DTYPES, "dtype"), default=["fp32"])
+    p.add_argument("--batch", type=_positive, default=None, help="batch size for network presets ("
+                   + ", ".join(f"{name}: {batch}" for name, (_, batch) in NETWORK_PRESETS.items()) + ")")
+    p.add_argument("--dtype", type=_choices(tuple(DTYPES), "dtype"), default=["fp32"])
     p.add_argument("--layout", type=_choices(LAYOUTS, "layout"), default=["nchw"],
                    help="nhwc = channels_last (4-D and 5-D shapes only)")
-    p.add_argument("--activation", type=_choices(_activations(), "activation"), default=["relu"])
+    p.add_argument("--activation", type=_choices(activations(), "activation"), default=["relu"])
     p.add_argument("--residual", choices=("off", "on", "both"), nargs="?", const="on", default="off",
                    help="sweep with a residual add (--residual = on)")
     p.add_argument("--mode", type=_choices(MODES, "mode"), default=list(MODES))
@@ -121,9 +112,9 @@ def _add_traffic(sub):
                                        "(TRITON_INTERPRET=1 in the environment)")
     p.add_argument("--shape", type=_shape, default=(8, 4, 32, 32),
                    help="activation shape; per-channel traffic is a larger share of small or wide shapes")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--layout", choices=LAYOUTS, default="nchw")
-    p.add_argument("--activation", type=_choices(_activations(), "activation"), default=["relu"])
+    p.add_argument("--activation", type=_choices(activations(), "activation"), default=["relu"])
     p.add_argument("--out", default=None, help="also write the table as CSV here")
     p.add_argument("--check", action="store_true", help="exit 1 when a mode exceeds its traffic budget")
 
@@ -160,9 +151,9 @@ def build_parser(command: str | None) -> Parser:
     _add_step(sub)
     impact = sub.add_parser("impact", help="the impact study (see tritonbn.perf.impact)")
     if command == "impact":  # imported only when asked for: it is heavier than the rest of the CLI
-        from . import impact as impact_study
+        from .impact import cli as impact_cli
 
-        impact_study.add_arguments(impact)
+        impact_cli.add_arguments(impact)
     _add_readme(sub)
     return parser
 
@@ -257,7 +248,7 @@ def _traffic(args):
                          "compiled: run it with TRITON_INTERPRET=1 in the environment")
     from . import traffic
     from .results import write_table
-    from .sweep import DTYPES as TORCH_DTYPES
+    from .sweep import TORCH_DTYPES
 
     rows = traffic.audit(args.shape, TORCH_DTYPES[args.dtype], args.activation[0], args.layout)
     print(traffic.format_table(rows))
@@ -297,10 +288,10 @@ def _step(args):
 
 
 def _impact(args):
-    from . import impact
+    from .impact import cli as impact_cli
 
     _writable_dir(args.out)
-    return impact.run(args) or 0
+    return impact_cli.run(args) or 0
 
 
 def _readme(args):

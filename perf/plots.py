@@ -6,7 +6,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .summary import MODES, backends, config_label, geomean, is_performance, measured, timings, varies
+from .constants import MODES
+from .summary import backends, config_label, geomean, is_performance, measured, timings, varies
 
 MODE_TITLES = {"fwd": "forward (training)", "bwd": "backward", "fwd_bwd": "forward + backward",
                "eval": "forward (eval)"}

@@ -10,9 +10,9 @@ from collections import Counter
 from pathlib import Path
 
 from . import plots
+from .constants import BASELINES, MODES, TIME_KINDS
 from .results import read_rows
 from .summary import (
-    MODES,
     bound_per_shape,
     geomean,
     geomean_speedups,
@@ -35,8 +35,8 @@ def table(header, body) -> list[str]:
 
 def speedup_columns(rows) -> list[tuple[str, str]]:
     """(kind, baseline) of the speedups to show: device ones only where the rows hold a device/host split."""
-    kinds = ("e2e", "device") if has_split(rows) else ("e2e",)
-    return [(kind, base) for kind in kinds for base in ("eager", "compile")]
+    kinds = TIME_KINDS if has_split(rows) else ("e2e",)
+    return [(kind, base) for kind in kinds for base in BASELINES]
 
 
 def _headings(columns) -> list[str]:
@@ -141,7 +141,7 @@ def _header_lines(rows, csv_path) -> list[str]:
 def _plots(rows, out: Path) -> list[tuple[str, str]]:
     """Write every plot the rows allow; (title, file name) of each."""
     made = []
-    for kind in ("e2e", "device"):
+    for kind in TIME_KINDS:
         for mode in MODES:
             name = f"speedup_{mode}.png" if kind == "e2e" else f"device_speedup_{mode}.png"
             if plots.plot_speedup(rows, mode, out / name, kind):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .constants import BASELINES, TIME_KINDS
+
 KEY = ("shape", "dtype", "layout", "activation", "residual", "mode", "backend")
 
 COLUMNS = (
@@ -37,7 +39,7 @@ RENAMED = {"median_ms": "e2e_ms", "p20_ms": "e2e_p20_ms", "p80_ms": "e2e_p80_ms"
            "speedup_vs_eager": "e2e_speedup_vs_eager", "speedup_vs_compile": "e2e_speedup_vs_compile"}
 # Without these a file is not a sweep's CSV (after renaming old columns).
 REQUIRED = KEY + ("status", "ok", "timing", "e2e_ms", "device")
-TIMES = {"e2e": "e2e_ms", "device": "device_ms"}
+TIMES = {kind: f"{kind}_ms" for kind in TIME_KINDS}
 
 
 class ResultsError(ValueError):
@@ -113,7 +115,7 @@ def _add_speedups(rows: list[dict]) -> None:
     by_config = {row_key(row): row for row in rows}
     for row in rows:
         config = row_key(row)[:-1]
-        for base in ("eager", "compile"):
+        for base in BASELINES:
             ref = by_config.get(config + (base,))
             for kind, column in TIMES.items():
                 ok = ref is not None and ref["ok"] and row["ok"]

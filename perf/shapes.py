@@ -7,9 +7,6 @@ it, so a network with 53 BN layers is swept as its distinct shapes and nothing i
 from collections import Counter
 from dataclasses import dataclass
 
-# Default batch per preset when --batch is not given: the sizes these networks are usually trained at.
-DEFAULT_BATCH = {"resnet50": 64, "mobilenetv2": 64, "resnet3d": 8, "mlp": 4096}
-
 
 @dataclass(frozen=True)
 class ShapeCase:
@@ -113,16 +110,20 @@ def tiny() -> list[ShapeCase]:
     return [ShapeCase((2, 4, 3, 5)), ShapeCase((6, 8)), ShapeCase((2, 3, 2, 2, 3))]
 
 
-PRESETS = ("resnet50", "mobilenetv2", "resnet3d", "mlp", "scaling", "tiny")
+# Network presets: name -> (its BN shapes at a batch size, the batch used when --batch is not given: the size
+# the network is usually trained at).
+NETWORK_PRESETS = {"resnet50": (resnet50, 64), "mobilenetv2": (mobilenetv2, 64), "resnet3d": (resnet3d, 8),
+                   "mlp": (mlp, 4096)}
+# Synthetic presets: fixed shapes, which --batch does not change.
+SYNTHETIC_PRESETS = {"scaling": scaling, "tiny": tiny}
+PRESETS = (*NETWORK_PRESETS, *SYNTHETIC_PRESETS)
 
 
 def preset_shapes(name: str, batch: int | None = None) -> list[ShapeCase]:
     """The shape cases of a preset; `batch` overrides the preset's default batch where it has one."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    if name == "scaling":
-        return scaling()
-    if name == "tiny":
-        return tiny()
-    builder = {"resnet50": resnet50, "mobilenetv2": mobilenetv2, "resnet3d": resnet3d, "mlp": mlp}[name]
-    return builder(batch if batch is not None else DEFAULT_BATCH[name])
+    if name in SYNTHETIC_PRESETS:
+        return SYNTHETIC_PRESETS[name]()
+    builder, default_batch = NETWORK_PRESETS[name]
+    return builder(batch if batch is not None else default_batch)

@@ -4,12 +4,8 @@ import math
 from collections import defaultdict
 
 from .breakdown import REFERENCE
+from .constants import BACKENDS, BASELINES, MODES, TIME_KINDS
 from .timing import CUDA_EVENTS
-
-MODES = ("fwd", "bwd", "fwd_bwd", "eval")
-KINDS = ("e2e", "device")  # end to end (host stalls included) and device only
-BASELINES = ("eager", "compile")
-BACKEND_ORDER = ("tritonbn", "eager", "compile", "flag_gems", "apex")
 
 
 def geomean(values) -> float:
@@ -37,7 +33,7 @@ def has_split(rows) -> bool:
 
 def backends(rows) -> list[str]:
     return sorted({r["backend"] for r in rows},
-                  key=lambda b: (BACKEND_ORDER.index(b) if b in BACKEND_ORDER else 99, b))
+                  key=lambda b: (BACKENDS.index(b) if b in BACKENDS else 99, b))
 
 
 def bound(row) -> str | None:
@@ -61,7 +57,7 @@ def geomean_speedups(rows) -> list[dict]:
             if picked and backend != "eager":
                 out.append({"mode": mode, "backend": backend, "configs": len(picked), **{
                     f"{kind}_vs_{base}": geomean(speedup(r, kind, base) for r in picked)
-                    for kind in KINDS for base in BASELINES}})
+                    for kind in TIME_KINDS for base in BASELINES}})
     return out
 
 
@@ -95,5 +91,5 @@ def bound_per_shape(rows, backend: str = "tritonbn") -> list[dict]:
         out.append({"label": config_label(picked[0], vary_act, vary_res), "dtype": dtype, "layout": layout,
                     "bound": {k: v for k, v in kinds.items() if k is not None},
                     **{f"{kind}_vs_{base}": geomean(speedup(r, kind, base) for r in picked)
-                       for kind in KINDS for base in BASELINES}})
+                       for kind in TIME_KINDS for base in BASELINES}})
     return sorted(out, key=lambda g: (g["dtype"], g["layout"]))

@@ -16,11 +16,11 @@ import torch
 from . import bandwidth, checks, results
 from .backends import Backend, eager_batch_norm_act
 from .breakdown import measure_call
+from .constants import DTYPES
 from .shapes import ShapeCase
 from .timing import timing_label
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-LAYOUTS = ("nchw", "nhwc")
+TORCH_DTYPES = {name: getattr(torch, attribute) for name, attribute in DTYPES.items()}
 # The reference every backend is checked against (in float64), whether or not eager is among the timed backends.
 EAGER = Backend("eager", eager_batch_norm_act)
 
@@ -60,7 +60,7 @@ def make_inputs(cfg: Config, device: torch.device) -> dict:
 
     Half-precision inputs get fp32 parameters and statistics, as under autocast.
     """
-    dtype = DTYPES[cfg.dtype]
+    dtype = TORCH_DTYPES[cfg.dtype]
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     shape, channels = cfg.case.shape, cfg.case.channels
     fmt = memory_format(cfg.layout, len(shape))
@@ -186,7 +186,7 @@ MEASURED = ("err_rel_l2", "err_outliers", "e2e_ms", "e2e_p20_ms", "e2e_p80_ms", 
 
 def measure_backend(backend: Backend, cfg: Config, inputs: dict, reference: dict, device) -> dict:
     """The measured columns of one row; `status` says why a row holds no numbers."""
-    dtype = DTYPES[cfg.dtype]
+    dtype = TORCH_DTYPES[cfg.dtype]
     reason = backend.unsupported(dtype, cfg.layout, len(cfg.case.shape), cfg.activation)
     if reason is not None:
         return {"status": f"skipped: {reason}", "ok": False}
@@ -215,7 +215,7 @@ def describe(cfg: Config, backend: str, device: torch.device, copy_gbps: float) 
     """The configuration columns of a row, and the model's minimum bytes for it."""
     shape = cfg.case.shape
     numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=DTYPES[cfg.dtype]).element_size()
+    itemsize = torch.empty((), dtype=TORCH_DTYPES[cfg.dtype]).element_size()
     return {
         "preset": cfg.preset, "shape": cfg.case.label, "ndim": len(shape), "channels": cfg.case.channels,
         "reduced": cfg.case.reduced, "layers": cfg.case.layers, "dtype": cfg.dtype, "layout": cfg.layout,

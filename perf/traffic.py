@@ -19,13 +19,15 @@ import torch
 from tritonbn import backend
 
 from .bandwidth import min_passes
+from .constants import MODES
 
 # Passes the current kernels may make (without / with a residual). Raising one is a deliberate decision.
 BUDGET = {"fwd": (3, 4), "bwd": (5, 7), "eval": (2, 3)}
 # Per-channel parameters, statistics and partial sums are counted too; they stay far below this fraction
 # of a pass on the audit's shapes, while a whole extra pass of the activation tensor does not.
 PER_CHANNEL_SLACK = 0.1
-AUDIT_MODES = ("fwd", "bwd", "eval")
+# fwd_bwd's traffic is fwd's plus bwd's: it has no launches of its own to count.
+AUDIT_MODES = tuple(mode for mode in MODES if mode != "fwd_bwd")
 
 
 @dataclass

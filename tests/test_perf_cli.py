@@ -60,7 +60,7 @@ def forbidden(*args, **kwargs):
 def no_work(monkeypatch):
     """Every subcommand's work fails the test if it starts: the checks must come before it."""
     for target in ("tritonbn.perf.sweep.run", "tritonbn.perf.step.run", "tritonbn.perf.traffic.audit",
-                   "tritonbn.perf.impact.run", "tritonbn.perf.report.make_report"):
+                   "tritonbn.perf.impact.cli.run", "tritonbn.perf.report.make_report"):
         monkeypatch.setattr(target, forbidden)
 
 

@@ -1,11 +1,11 @@
 """`--device cpu` runs and labels the path tritonbn.backend decided, however TRITON_INTERPRET was set.
 
 Triton fixes interpreted-or-compiled when it is imported and when a kernel is defined, and tritonbn.backend
-follows it for the whole process; a CPU run of the CLI asks for the interpreter while Triton is not loaded. Each case runs in a fresh process, without the test session's
-TRITON_INTERPRET, so that it decides for itself. Setting the variable after Triton or the kernels were
-loaded used to send CPU tensors to compiled kernels on a GPU machine; now they take the reference path,
-and the rows say so. The launch counts are independent evidence of the path: the interpreter's launches
-are counted, the reference path has none.
+follows it for the whole process; a CPU run of the CLI asks for the interpreter while Triton is not loaded.
+Each case runs in a fresh process, without the test session's TRITON_INTERPRET, so that it decides for
+itself. Setting the variable after Triton or the kernels were loaded used to send CPU tensors to compiled
+kernels on a GPU machine; now they take the reference path, and the rows say so. The launch counts are
+independent evidence of the path: the interpreter's launches are counted, the reference path has none.
 """
 
 import json

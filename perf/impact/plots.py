@@ -1,5 +1,5 @@
-"""PNG figures of the batch-norm impact study (see tritonbn.perf.impact); one figure per claim plus the
-training curves. Every figure has one panel per model."""
+"""PNG figures of the batch-norm impact study; one figure per claim (`claims.CLAIM_PLOTS` says which) plus
+the training curves. Every figure has one panel per model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ matplotlib.use("Agg")  # files only: no display on CI machines or over ssh
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 import numpy as np  # noqa: E402
 
-from tritonbn.perf.impact import ARM_LABELS, Results, mean_ics  # noqa: E402
+from .claims import Results, mean_ics  # noqa: E402
+from .models import ARM_LABELS, COMPARED_ARMS  # noqa: E402
 
 ARM_COLOURS = {"bn": "tab:blue", "plain": "tab:orange", "dropout": "tab:green"}
 LAYER_STYLES = ("-", "--", ":", "-.")
@@ -30,17 +31,13 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def _arms(res: Results) -> tuple[str, ...]:
-    return ("bn", "plain", "dropout") if res.config.dropout > 0 else ("bn", "plain")
-
-
 def plot_curves(res: Results, path: Path) -> None:
     """Training loss and test accuracy over steps for the baseline runs, one thin line per seed."""
     cfg = res.config
     fig, axes = _panels(len(cfg.models), rows=2, height=3.2)
     for col, kind in enumerate(cfg.models):
         loss_ax, acc_ax = axes[0, col], axes[1, col]
-        for arm in _arms(res):
+        for arm in cfg.arms:
             for i, seed in enumerate(cfg.seeds):
                 run = res.baseline(kind, arm, seed)
                 label = ARM_LABELS[arm] if i == 0 else None
@@ -60,7 +57,7 @@ def _sweep(res: Results, path: Path, values: Sequence[float], key: str, xlabel: 
     cfg = res.config
     fig, axes = _panels(len(cfg.models))
     for ax, kind in zip(axes[0], cfg.models):
-        for arm in ("bn", "plain"):
+        for arm in COMPARED_ARMS:
             acc = np.array([res.final_acc(kind, arm, **{"lr": cfg.base_lr, "scale": 1.0, key: v})
                             for v in values])
             ax.plot(values, acc.mean(axis=1), "o-", color=ARM_COLOURS[arm], label=ARM_LABELS[arm])
@@ -75,7 +72,7 @@ def _sweep(res: Results, path: Path, values: Sequence[float], key: str, xlabel: 
 def plot_generalisation(res: Results, path: Path) -> None:
     """Train-test accuracy gap and test accuracy of each arm at the baseline (error bar = seed std)."""
     cfg = res.config
-    arms = _arms(res)
+    arms = cfg.arms
     fig, axes = _panels(2)
     width = 0.8 / len(arms)
     x = np.arange(len(cfg.models))
@@ -103,7 +100,7 @@ def plot_timing(timings: dict[str, dict[str, list[float]]], path: Path, where: s
     fig, axes = _panels(1)
     ax = axes[0, 0]
     x = np.arange(len(kinds))
-    for i, arm in enumerate(("bn", "plain")):
+    for i, arm in enumerate(COMPARED_ARMS):
         ms = [np.percentile(np.array(timings[k][arm]) * 1e3, [25, 50, 75]) for k in kinds]
         median = np.array([m[1] for m in ms])
         spread = np.array([[m[1] - m[0] for m in ms], [m[2] - m[1] for m in ms]])
@@ -120,14 +117,14 @@ def plot_ics(res: Results, path: Path) -> None:
     cfg = res.config
     fig, axes = _panels(len(cfg.models))
     for ax, kind in zip(axes[0], cfg.models):
-        for arm in ("bn", "plain"):
+        for arm in COMPARED_ARMS:
             runs = [res.baseline(kind, arm, s) for s in cfg.seeds]
             for style, layer in zip(LAYER_STYLES, runs[0].ics):
                 length = min(len(r.ics[layer]) for r in runs)
                 drift = np.mean([r.ics[layer][:length] for r in runs], axis=0)
                 ax.plot(runs[0].eval_steps[:length], drift, ls=style, color=ARM_COLOURS[arm],
                         label=f"{ARM_LABELS[arm]}, {layer}")
-        averages = {arm: np.nanmean(list(mean_ics(res, kind, arm).values())) for arm in ("bn", "plain")}
+        averages = {arm: np.nanmean(list(mean_ics(res, kind, arm).values())) for arm in COMPARED_ARMS}
         ax.set(title=f"{kind.upper()}: ICS (mean: BN {averages['bn']:.3f}, no BN {averages['plain']:.3f})",
                xlabel="step",
                ylabel="input drift per capture (W1 / std)", yscale="log")
