@@ -6,17 +6,18 @@ Models are tiny (4-8 channels, 8x8 images) because on CPU the fused layers run u
 """
 
 import copy
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fuse_helpers import MODES, DataDependent, assert_same_computation, fused_layers, make
 from torch import nn
 
 import tritonbn
-from tritonbn.conversion import BatchNormThenAct2d, FusedSequential, FuseReport
+from tritonbn.fused_sequential import FusedSequential
 from tritonbn.modules import _BatchNormAct
-
-MODES = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
+from tritonbn.unfusion import BatchNormThenAct2d
 
 
 def conv3x3(in_planes, out_planes, stride=1):
@@ -144,92 +145,6 @@ class UsedTwice(nn.Module):
     def forward(self, x):
         y = self.bn(x)
         return self.bn_out(F.relu(y) + y)
-
-
-class DataDependent(nn.Module):
-    """Control flow on tensor values: torch.fx cannot trace it, so fuse falls back to FusedSequential."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(conv3x3(3, 4), nn.BatchNorm2d(4), nn.SiLU(), conv3x3(4, 4),
-                                      nn.BatchNorm2d(4), nn.LeakyReLU(0.3))
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        x = self.features(x)
-        if x.sum() > 0:
-            x = x * 2
-        return F.relu(self.bn(x))
-
-
-def randomize_batch_norms(model):
-    """Non-trivial parameters and running statistics, so that a lost or swapped value shows."""
-    with torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-                continue
-            if module.weight is not None:
-                module.weight.uniform_(0.5, 2.0)
-            if module.bias is not None:
-                module.bias.normal_()
-            if module.track_running_stats:
-                module.running_mean.normal_(0, 0.3)
-                module.running_var.uniform_(0.5, 2.0)
-                module.num_batches_tracked.fill_(3)
-    return model
-
-
-def make(model_class):
-    return randomize_batch_norms(model_class()).double()
-
-
-def run_step(model, x, dy=None):
-    """Forward and backward of one step: (output, upstream grad, input grad, parameter grads by name)."""
-    x = x.clone().requires_grad_()
-    y = model(x)
-    dy = torch.randn_like(y) if dy is None else dy
-    y.backward(dy)
-    return y.detach(), dy, x.grad, {name: p.grad for name, p in model.named_parameters()}
-
-
-def assert_same_state(actual, expected):
-    actual, expected = actual.state_dict(), expected.state_dict()
-    assert sorted(actual) == sorted(expected)
-    for key, value in expected.items():
-        torch.testing.assert_close(actual[key], value, msg=lambda m, k=key: f"{k}: {m}")
-
-
-def assert_same_computation(original, converted, input_shape, training):
-    original.train(training)
-    converted.train(training)
-    for _ in range(2):  # the second step sees the running statistics the first one left
-        x = torch.randn(input_shape, dtype=torch.float64) * 1.5 + 0.5
-        original.zero_grad(set_to_none=True)
-        converted.zero_grad(set_to_none=True)
-        y, dy, dx, grads = run_step(original, x)
-        y_c, _, dx_c, grads_c = run_step(converted, x, dy)
-        torch.testing.assert_close(y_c, y)
-        torch.testing.assert_close(dx_c, dx)
-        assert sorted(grads_c) == sorted(grads)
-        for name, grad in grads.items():
-            if grad is None:
-                assert grads_c[name] is None, name
-            else:
-                torch.testing.assert_close(grads_c[name], grad, msg=lambda m, n=name: f"grad of {n}: {m}")
-    assert_same_state(converted, original)
-
-
-def fused_names(model):
-    return [layer.name for layer in model.tritonbn_fuse_report.fused]
-
-
-def fused_modules(model):
-    return {name: m for name, m in model.named_modules() if type(m).__module__ == "tritonbn.modules"}
-
-
-def fused_layers(model):
-    return {layer.name: (layer.activation, layer.negative_slope, layer.residual)
-            for layer in model.tritonbn_fuse_report.fused}
 
 
 def is_fused_module(module):
@@ -369,11 +284,30 @@ def test_batch_norm_options_are_carried_over(model_class, input_shape, training)
     assert_same_computation(model, fused, input_shape, training)
 
 
-def test_report_is_logged(caplog):
-    with caplog.at_level("INFO", logger="tritonbn.conversion"):
+class Messages(logging.Handler):
+    """Collects the messages logged (caplog would need pytest's logging plugin, which runs may turn off)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_report_is_logged():
+    logger, handler = logging.getLogger("tritonbn.fusion"), Messages()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
         fused = tritonbn.fuse(make(UsedTwice))
-    assert isinstance(fused.tritonbn_fuse_report, FuseReport)
-    assert "unfused bn: output used by 2 nodes" in caplog.text
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert isinstance(fused.tritonbn_fuse_report, tritonbn.FuseReport)
+    assert handler.messages == [fused.tritonbn_fuse_report.summary()]
+    assert "unfused bn: output used by 2 nodes" in handler.messages[0]
 
 
 @pytest.mark.parametrize("training", MODES)

@@ -7,16 +7,24 @@ the fused layers run interpreted.
 """
 
 import copy
-import io
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fuse import DataDependent, assert_same_computation, fused_layers, make, randomize_batch_norms
+from fuse_helpers import (
+    DataDependent,
+    assert_same_computation,
+    double_output,
+    fused_layers,
+    make,
+    randomize_batch_norms,
+    saved,
+)
 from torch import nn
 
 import tritonbn
-from tritonbn.conversion import FusedSequential, fused_residual_act
+from tritonbn.fused_graph import fused_residual_act
+from tritonbn.fused_sequential import FusedSequential
 
 
 def is_tritonbn(module):
@@ -106,13 +114,6 @@ def test_forward_with_varargs_takes_the_sequential_fallback():
     torch.testing.assert_close(fused.eval()(x, rest), model.eval()(x, rest))
 
 
-def saved(model):
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    return buffer
-
-
 class Unused(nn.Module):
     """forward uses part of the model: a head, a buffer, a parameter and a container's child stay idle."""
 
@@ -187,6 +188,61 @@ def test_batch_norm_subclass_stays_a_leaf_and_unfused():
     assert_same_computation(model, fused, (2, 3, 3, 3), True)
 
 
+class PackageBlock(nn.Module):
+    """A network defined in the tritonbn package, as the perf harness's are: no fused module, so fuse traces it."""
+
+    __module__ = "tritonbn.perf.models"
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return F.relu(self.bn(x) + x)
+
+
+class HoldsPackageBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = PackageBlock()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return F.silu(self.bn(self.block(x)))
+
+
+def test_tritonbn_classes_other_than_fused_modules_are_traced_through():
+    model = make(HoldsPackageBlock)
+    fused = tritonbn.fuse(model)
+    assert fused.tritonbn_fuse_report.method == "fx"
+    assert fused_layers(fused) == {"block.bn": ("relu", 0.01, True), "bn": ("silu", 0.01, False)}
+    assert_same_computation(model, fused, (2, 3, 3, 3), True)
+
+
+class HoldsFusedSequential(nn.Module):
+    """Traceable, and holds a FusedSequential (an earlier fuse's fallback): its forward makes fused modules on the
+    fly, which a graph cannot call, so the trace keeps it whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = FusedSequential(nn.BatchNorm2d(3), nn.ReLU())
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.features(x)))
+
+
+def test_fused_sequential_stays_a_leaf():
+    model = make(HoldsFusedSequential)
+    fused = tritonbn.fuse(model)
+    report = fused.tritonbn_fuse_report
+    assert report.method == "fx", report.trace_error
+    assert fused_layers(fused) == {"bn": ("relu", 0.01, False)}
+    assert report.unfused == {"features.0": "not called in the traced forward"}
+    assert type(fused.features) is FusedSequential
+    assert_same_computation(model, fused, (2, 3, 3, 3), True)
+
+
 class ReadsInside(nn.Module):
     """Untraceable, and reads inside its nn.Sequential besides calling it whole: it takes the output of
     every module in turn, and the first batch norm's output by indexing."""
@@ -216,10 +272,6 @@ def test_fallback_keeps_what_code_reads_inside_the_sequential(training):
     assert type(fused.features) is FusedSequential and len(fused.features) == 5
     assert [type(m) for m in fused.features] == [type(m) for m in model.features]
     assert_same_computation(model, fused, (2, 3, 3, 3), training)
-
-
-def double_output(module, args, output):
-    return output * 2
 
 
 def test_fused_sequential_follows_changes_after_fuse():

@@ -8,20 +8,15 @@ tiny: on CPU the fused layers run interpreted.
 """
 
 import copy
-import io
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fuse import MODES, assert_same_computation, fused_layers, make
+from fuse_helpers import MODES, assert_same_computation, double_output, fused_layers, make, saved
 from torch import nn
 
 import tritonbn
-from tritonbn.conversion import FusedSequential
-
-
-def double_output(module, args, output):
-    return output * 2
+from tritonbn.fused_sequential import FusedSequential
 
 
 def double_output_with_kwargs(module, args, kwargs, output):
@@ -250,13 +245,6 @@ def test_hook_handles_still_remove_hooks_with_inplace():
     reference._forward_hooks.clear()
     reference.block._forward_pre_hooks.clear()
     assert_same_computation(reference, fused, SHAPE, False)
-
-
-def saved(model):
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    return buffer
 
 
 def test_hooks_survive_copies_and_unfuse():

@@ -33,7 +33,7 @@ class Activation:
     kernel_id: int  # the ACTIVATION constexpr the kernels branch on
     apply: Callable[[torch.Tensor, float], torch.Tensor]  # the PyTorch computation: apply(z, negative_slope)
     module: type[nn.Module]  # the nn module fuse() recognises and unfuse() puts back
-    functions: tuple = ()  # functional forms fuse() recognises (F.relu, torch.relu_, ...)
+    functions: tuple = ()  # functional forms fuse() recognises (F.relu, torch.relu_, ...); unfuse() writes the first
     methods: tuple[str, ...] = ()  # tensor methods fuse() recognises (x.relu())
     has_slope: bool = False  # takes negative_slope (leaky_relu)
     settings: Callable = _default

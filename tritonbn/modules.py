@@ -4,10 +4,15 @@ They subclass ``_BatchNorm`` itself, so parameters, buffers, state_dict keys, ``
 (cumulative average), ``track_running_stats`` and ``affine`` behave exactly as in PyTorch, and code that
 checks ``isinstance(m, _BatchNorm)`` still sees a batch norm. They do not subclass ``nn.BatchNorm2d``:
 tools that fold a BatchNorm2d into a convolution would silently drop the activation.
+
+The functions at the end build a batch norm module that shares another one's parameters and buffers:
+`fuse`, `unfuse` and `convert_sync_batchnorm` convert modules with them.
 """
 
+import functools
 import inspect
 
+from torch import nn
 from torch.nn import init
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -95,3 +100,48 @@ class BatchNormAct3d(_BatchNormAct):
     def _check_input_dim(self, input):
         if input.dim() != 5:
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+
+# The batch norms `fuse` replaces, and the fused class it replaces each with.
+FUSED_CLASS_OF = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d, nn.BatchNorm3d: BatchNormAct3d}
+
+
+def factory_kwargs_of(bn: nn.Module) -> dict:
+    """device and dtype for a module replacing batch norm ``bn``."""
+    reference = bn.weight if bn.weight is not None else bn.running_mean
+    return {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+
+
+def share_batch_norm_state(source: nn.Module, target: nn.Module) -> None:
+    """Make batch norm ``target`` use the very parameter and buffer objects, and the train/eval mode, of
+    ``source`` (optimizers built on ``source`` keep working)."""
+    for name in ("weight", "bias"):
+        setattr(target, name, getattr(source, name))
+    for name, buffer in source._buffers.items():
+        setattr(target, name, buffer)
+    target.train(source.training)
+
+
+@functools.cache
+def _takes_bias_flag(batch_norm_class: type) -> bool:
+    # tritonbn's classes always take ``bias``; torch's from 2.13 on (see TORCH_BATCH_NORM_HAS_BIAS_FLAG).
+    return "bias" in inspect.signature(batch_norm_class.__init__).parameters
+
+
+def batch_norm_like(batch_norm_class: type, bn: nn.Module, **options) -> nn.Module:
+    """A ``batch_norm_class`` with the options of batch norm ``bn`` that shares its state (see
+    `share_batch_norm_state`); ``options`` are extra constructor arguments."""
+    if _takes_bias_flag(batch_norm_class):
+        options["bias"] = bn.bias is not None
+    module = batch_norm_class(
+        bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+        track_running_stats=bn.track_running_stats, **options, **factory_kwargs_of(bn),
+    )
+    # Without the flag (older torch) the bias of None arrives here, with the other shared tensors.
+    share_batch_norm_state(bn, module)
+    return module
+
+
+def fused_like(bn: nn.Module, activation: str, negative_slope: float) -> _BatchNormAct:
+    """The BatchNormAct computing ``activation(bn(input))`` for an nn.BatchNorm{1,2,3}d ``bn``, sharing its state."""
+    return batch_norm_like(FUSED_CLASS_OF[type(bn)], bn, activation=activation, negative_slope=negative_slope)

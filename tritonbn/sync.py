@@ -14,7 +14,7 @@ from torch import nn
 
 from . import reference
 from .backend import uses_kernels
-from .modules import _BatchNormAct
+from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormAct, batch_norm_like
 from .reference import compute_dtype, count_per_channel, update_running_stats
 from .validation import check_batch_norm_args, check_eps
 
@@ -164,8 +164,6 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     `tritonbn.fuse` first to turn the fusable ones into BatchNormAct, and
     nn.SyncBatchNorm.convert_sync_batchnorm for the rest.
     """
-    from tritonbn.modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
-
     if type(module) in (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d):
         return _sync_from(module, process_group)
     for name, child in module.named_children():
@@ -176,8 +174,6 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 
 
 def _sync_from(fused: nn.Module, process_group) -> SyncBatchNormAct:
-    from tritonbn.conversion import batch_norm_like
-
     sync = batch_norm_like(SyncBatchNormAct, fused, process_group=process_group, activation=fused.activation,
                            negative_slope=fused.negative_slope)
     if hasattr(fused, "qconfig"):
