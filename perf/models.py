@@ -8,8 +8,6 @@ and ReLU written as torchvision writes them, so that `tritonbn.fuse` finds the s
 
 from dataclasses import dataclass
 
-import torch
-import torch.fx
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -82,12 +80,7 @@ NETWORKS = {
 
 
 def build(network: Network) -> tuple[nn.Module, str]:
-    """The model and what it is: torchvision's ResNet-50 when importable, else this module's.
-
-    This module's network is handed over traced, as a torch.fx GraphModule (same submodules, same
-    operations): tritonbn.fuse keeps every module whose class lives in the tritonbn package as a leaf,
-    and would not look inside these classes to find their batch norms.
-    """
+    """The model and what it is: torchvision's ResNet-50 when importable, else this module's."""
     if network.name == "resnet50":
         try:
             import torchvision
@@ -95,8 +88,7 @@ def build(network: Network) -> tuple[nn.Module, str]:
             pass
         else:
             return torchvision.models.resnet50(), "torchvision resnet50"
-    model = torch.fx.symbolic_trace(ResNet(network.blocks, network.width, network.classes))
-    return model, f"{network.name} (tritonbn.perf.models)"
+    return ResNet(network.blocks, network.width, network.classes), f"{network.name} (tritonbn.perf.models)"
 
 
 def batch_norm_layers(model: nn.Module) -> int:

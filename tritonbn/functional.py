@@ -11,20 +11,11 @@ op is composed of ordinary differentiable, batchable, traceable PyTorch ops, exa
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from . import ops, reference
-from .activations import REGISTRY
+from . import ops, plans, reference
 from .backend import cpu_reference, uses_kernels
 from .validation import check_activation, check_batch_norm_args, check_eps, check_tensor_types
 
 __all__ = ["BatchNormActFunction", "batch_norm_act", "cpu_reference", "prepare", "run"]
-
-_PLANS: dict = {}
-_MAX_PLANS = 4096  # distinct specializations; a program that keeps making new shapes just re-plans
-
-
-def _layout(t):
-    return None if t is None else (t.dtype, t.shape, t.stride(), t.device)
-
 
 def _composite_only() -> bool:
     """Whether a transform is active that needs the op made of PyTorch ops (see the module docstring)."""
@@ -41,36 +32,12 @@ def prepare(input, running_mean, running_var, weight, bias, residual, training, 
         check_activation(activation)
         check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
         return None
-    key = _plan_key(input, weight, bias, residual, running_mean, running_var, training, activation)
-    plan = _PLANS.get(key)
+    key = plans.key(input, weight, bias, residual, running_mean, running_var, training, activation)
+    plan = plans.cached(key)
     if plan is None:  # the checks depend only on what the key holds, so a cached plan was checked already
         check_activation(activation)
         check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
-        plan = _new_plan(key, input, weight, bias, residual, running_mean, training, activation)
-    return plan
-
-
-def plan_for(input, weight, bias, residual, running_mean, running_var, training, activation):
-    """The kernels' forward plan for arguments already checked (the custom ops' way in)."""
-    key = _plan_key(input, weight, bias, residual, running_mean, running_var, training, activation)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _new_plan(key, input, weight, bias, residual, running_mean, training, activation)
-    return plan
-
-
-def _plan_key(input, weight, bias, residual, running_mean, running_var, training, activation):
-    return (input.shape, input.stride(), input.dtype, input.device, _layout(weight), _layout(bias),
-            _layout(residual), _layout(running_mean), _layout(running_var), training, activation)
-
-
-def _new_plan(key, input, weight, bias, residual, running_mean, training, activation):
-    from . import kernels
-
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
-    plan = _PLANS[key] = kernels.ForwardPlan(input, weight, bias, residual, running_mean, training,
-                                             REGISTRY[activation].kernel_id)
+        plan = plans.new(key, input, weight, bias, residual, running_mean, training, activation)
     return plan
 
 

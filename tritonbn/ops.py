@@ -12,6 +12,7 @@ kernels produce. Importing this module registers the ops; it imports no Triton u
 import torch
 from torch import Tensor
 
+from .plans import plan_for
 from .reference import compute_dtype, output_dtype
 
 
@@ -27,8 +28,6 @@ def forward(input: Tensor, weight: Tensor | None, bias: Tensor | None, residual:
             running_mean: Tensor | None, running_var: Tensor | None, training: bool, momentum: float, eps: float,
             activation: str, negative_slope: float) -> tuple[Tensor, Tensor]:
     """(output, stats): the batch's mean and rstd, [2 * C], for backward (empty in eval)."""
-    from .functional import plan_for
-
     plan = plan_for(input, weight, bias, residual, running_mean, running_var, training, activation)
     output, workspace = plan(input, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope)
     return output, input.new_empty(0) if workspace is None else workspace[: 2 * input.shape[1]]
@@ -48,8 +47,6 @@ def backward(grad_output: Tensor, input: Tensor, workspace: Tensor, weight: Tens
     """[grad input, grad weight, grad bias, grad residual]; an empty tensor for each gradient not wanted
     (``needs`` says which are), since ops cannot return None."""
     from . import kernels
-    from .functional import plan_for
-
     plan = plan_for(input, weight, bias, residual, running_mean, running_var, training, activation)
     saved_residual = residual if activation != "identity" else None
     stats = workspace if training else None

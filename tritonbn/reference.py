@@ -49,16 +49,16 @@ def update_running_stats(running_mean, running_var, mean, m2, count, momentum):
 
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and M2 (sum of squared deviations from it) of the batch, differentiably."""
-    var, mean = torch.var_mean(x.to(compute_dtype(x)), dim=_reduce_dims(x), correction=0)
+    mean, var = statistics(x, None, None, training=True)
     return mean, var * count_per_channel(x)
 
 
 def statistics(input, running_mean, running_var, training) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 1: per-channel (mean, biased variance), of the batch in training, else the running estimates."""
-    if training:
-        mean, m2 = channel_moments(input)
-        return mean, m2 / max(count_per_channel(input), 1)
     dtype = compute_dtype(input)
+    if training:
+        var, mean = torch.var_mean(input.to(dtype), dim=_reduce_dims(input), correction=0)
+        return mean, var
     return running_mean.to(dtype), running_var.to(dtype)
 
 

@@ -76,7 +76,7 @@ EAGER = {("fwd", False): 5, ("bwd", False): 8, ("eval", False): 4, ("fwd", True)
 
 
 def test_audit_within_budget():
-    # channels_last here; tests/test_traffic.py holds the contiguous layout to the same budgets
+    # channels_last here; tests/kernels/test_traffic.py holds the contiguous layout to the same budgets
     rows = traffic.audit((8, 4, 32, 32), activation="relu", layout="nhwc")
     assert [(r["mode"], r["residual"]) for r in rows] == [(m, res) for res in (False, True) for m in
                                                            ("fwd", "bwd", "eval")]

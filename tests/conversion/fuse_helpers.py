@@ -1,4 +1,4 @@
-"""Models and checks shared by the tritonbn.fuse / unfuse tests (tests/test_fuse*.py)."""
+"""Models and checks shared by the tritonbn.fuse / unfuse tests (tests/conversion/test_fuse*.py)."""
 
 import io
 

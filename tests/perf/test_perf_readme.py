@@ -8,7 +8,7 @@ import pytest
 from tritonbn.perf import readme, results
 from tritonbn.perf.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_committed_block_is_generated_from_perf_results(capsys):

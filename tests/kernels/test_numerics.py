@@ -164,7 +164,7 @@ def test_rows_past_int32_switch_the_kernels_to_int64_indices():
 
 
 def test_int64_row_indices_give_the_same_results(device, monkeypatch):
-    from tritonbn import functional
+    from tritonbn import plans
     from tritonbn.kernels import forward, plan
 
     x = torch.randn(3, 4, 9, 11, dtype=torch.float64, device=device, requires_grad=True)
@@ -183,6 +183,6 @@ def test_int64_row_indices_give_the_same_results(device, monkeypatch):
         return tiling
 
     monkeypatch.setattr(forward, "Tiling", tiling_with_int64_rows)
-    monkeypatch.setattr(functional, "_PLANS", {})  # plan anew, with the patched tiling
+    monkeypatch.setattr(plans, "_PLANS", {})  # plan anew, with the patched tiling
     for got, want in zip(run(), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
