@@ -21,10 +21,8 @@ from .tiles import (
     BATCH,
     GIVEN,
     RUNNING,
-    affine,
     channel_block,
-    channel_stats,
-    scalar,
+    channel_params,
     split_rows,
     sum_partials,
     tile_offsets,
@@ -75,10 +73,9 @@ def backward_reduce_kernel(
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     cols, col_mask = channel_block(C, BLOCK_C)
-    mean, rstd = channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols,
-                               col_mask, STATS, COMPUTE)
-    scale, bias = affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
-    negative_slope = scalar(slope_hi, slope_lo, mean)
+    mean, rstd, scale, bias, negative_slope = channel_params(
+        stats_ptr, running_mean_ptr, running_var_ptr, weight_ptr, bias_ptr, eps_hi, eps_lo, slope_hi, slope_lo, C,
+        cols, col_mask, STATS, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     sum_dz = tl.zeros([BLOCK_C], dtype=COMPUTE)
     sum_dz_xhat = tl.zeros([BLOCK_C], dtype=COMPUTE)
     row_start, row_end = split_rows(rows_per_split, R, ROWS_I64)
@@ -137,10 +134,9 @@ def backward_input_kernel(
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     cols, col_mask = channel_block(C, BLOCK_C)
-    mean, rstd = channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols,
-                               col_mask, STATS, COMPUTE)
-    scale, bias = affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
-    negative_slope = scalar(slope_hi, slope_lo, mean)
+    mean, rstd, scale, bias, negative_slope = channel_params(
+        stats_ptr, running_mean_ptr, running_var_ptr, weight_ptr, bias_ptr, eps_hi, eps_lo, slope_hi, slope_lo, C,
+        cols, col_mask, STATS, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     mean_dz = tl.zeros_like(mean)
     mean_dz_xhat = tl.zeros_like(mean)
     if TRAINING or (STORE_DWEIGHT or STORE_DBIAS):

@@ -121,3 +121,14 @@ def affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT: tl.constexpr,
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
     return scale, bias
+
+
+@triton.jit
+def channel_params(stats_ptr, running_mean_ptr, running_var_ptr, weight_ptr, bias_ptr, eps_hi, eps_lo, slope_hi,
+                   slope_lo, C, cols, col_mask, STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
+    """(mean, rstd, scale, bias, negative_slope) of a tile's channels, from given or running statistics."""
+    mean, rstd = channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols, col_mask,
+                               STATS, COMPUTE)
+    scale, bias = affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
+    return mean, rstd, scale, bias, scalar(slope_hi, slope_lo, mean)

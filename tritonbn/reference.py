@@ -73,19 +73,24 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
 
 def normalize_act(input, mean, rstd, weight, bias, activation, negative_slope, residual):
     """Steps 2 to 4 with given per-channel statistics: act((x - mean) * rstd * weight + bias [+ residual])."""
-    dtype = compute_dtype(input)
-    x = input.to(dtype)
-    # Step 2: normalise to zero mean and unit variance.
-    z = (x - _channel_view(mean, x.dim(), dtype)) * _channel_view(rstd, x.dim(), dtype)
-    # Step 3: scale and shift with the learnt gamma (weight) and beta (bias).
-    if weight is not None:
-        z = z * _channel_view(weight, x.dim(), dtype)
-    if bias is not None:
-        z = z + _channel_view(bias, x.dim(), dtype)
-    if residual is not None:
-        z = z + residual.to(dtype)
+    _, z = _pre_activation(input, mean, rstd, weight, bias, residual, compute_dtype(input))
     # Step 4: the non-linearity.
     return activate(z, activation, negative_slope).to(output_dtype(input, residual))
+
+
+def _pre_activation(input, mean, rstd, weight, bias, residual, dtype):
+    """(xhat, z): steps 2 and 3 (and the residual add) in ``dtype``."""
+    # Step 2: normalise to zero mean and unit variance.
+    xhat = (input.to(dtype) - _channel_view(mean, input.dim(), dtype)) * _channel_view(rstd, input.dim(), dtype)
+    # Step 3: scale and shift with the learnt gamma (weight) and beta (bias).
+    z = xhat
+    if weight is not None:
+        z = z * _channel_view(weight, input.dim(), dtype)
+    if bias is not None:
+        z = z + _channel_view(bias, input.dim(), dtype)
+    if residual is not None:
+        z = z + residual.to(dtype)
+    return xhat, z
 
 
 def output_dtype(input: torch.Tensor, residual) -> torch.dtype:
@@ -100,18 +105,10 @@ def output_dtype(input: torch.Tensor, residual) -> torch.dtype:
 
 def _dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual):
     """(dz, xhat): dz = dy * act'(z) through the activation's own autograd, z recomputed from x."""
-    dtype = mean.dtype
-    xhat = (x.to(dtype) - _channel_view(mean, x.dim(), dtype)) * _channel_view(rstd, x.dim(), dtype)
-    z = xhat
-    if weight is not None:
-        z = z * _channel_view(weight, x.dim(), dtype)
-    if bias is not None:
-        z = z + _channel_view(bias, x.dim(), dtype)
-    if residual is not None:
-        z = z + residual.to(dtype)
+    xhat, z = _pre_activation(x, mean, rstd, weight, bias, residual, mean.dtype)
     with torch.enable_grad():
         z = z.detach().requires_grad_()
-        (dz,) = torch.autograd.grad(activate(z, activation, negative_slope), z, dy.to(dtype))
+        (dz,) = torch.autograd.grad(activate(z, activation, negative_slope), z, dy.to(z.dtype))
     return dz, xhat
 
 
