@@ -8,12 +8,10 @@ import csv
 
 import pytest
 import torch
-from matplotlib import image
+from png_check import assert_png
 
 from tritonbn.perf import results
 from tritonbn.perf.cli import main
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +25,6 @@ def tiny_csv(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return path
-
-
-def assert_png(path):
-    assert path.read_bytes()[:8] == PNG_SIGNATURE
-    pixels = image.imread(path)
-    assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 200
-    assert pixels.std() > 0.01, "a blank image"
 
 
 def test_report_files(tiny_csv, tmp_path):

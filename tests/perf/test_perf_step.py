@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_perf_report import assert_png
+from png_check import assert_png
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tritonbn import backend as tritonbn_backend
