@@ -4,8 +4,9 @@ A ``Launcher`` is one kernel at one specialization: grid, num_warps and every in
 the plan that made it, so only tensors and float scalars change from call to call. Its first call goes
 through Triton's ordinary launch, ``kernel[grid](...)``, which compiles (or finds) the kernel and returns
 it. Later calls on CUDA hand the arguments straight to that compiled kernel's launcher, as Triton's own
-``JITFunction.run`` does after its binder, specialization key and cache look-up: about 3-4 us a launch
-instead of 11-17 us on triton 3.6.
+``JITFunction.run`` does after its binder, specialization key and cache look-up (about 3-4 us a launch
+instead of 11-17 us on triton 3.6, by Triton's and tritonbench's maintainers' measurements; not yet
+measured here).
 
 The direct path relies on internals shared by triton 3.x releases (``CompiledKernel.run``, ``.function``,
 ``.packed_metadata``; launcher arguments ``grid, stream, function, metadata, launch_metadata, enter_hook,
