@@ -17,6 +17,9 @@ _TILE_ELEMENTS = {"cuda": 4096, "cpu": 512}
 _PROGRAMS_PER_SM = 4
 _CPU_PROGRAMS = 32
 _MAX_CHANNEL_BLOCK = {"cuda": 64, "cpu": 16}
+# Channel blocks shrink towards this while the splits the merge allows leave the device short of programs
+# (16 float32 channels are 64 contiguous bytes of a channels_last row: whole 32-byte sectors).
+_MIN_CHANNEL_BLOCK = {"cuda": 16, "cpu": 4}
 # Every program of a direction's second kernel reads all the partials of its channels: splits^2 * C pairs
 # in all. Capping the splits keeps those (L2-resident) reads under this fraction of the tensor's bytes.
 _MERGE_READ_BUDGET = 0.05
@@ -51,16 +54,18 @@ class Tiling:
         kind = "cuda" if device.type == "cuda" else "cpu"
         R = max(R, 1)  # an empty batch launches nothing, but the shapes below stay valid
         tile = _TILE_ELEMENTS[kind]
-        if channels_contiguous and C > 1:
-            # channels_last / (N, C): a tile spans neighbouring channels, which are adjacent in memory.
-            self.block_c = min(_next_power_of_2(C), _MAX_CHANNEL_BLOCK[kind])
-        else:
-            self.block_c = 1
-        self.block_r = max(1, min(tile // self.block_c, _next_power_of_2(R)))
-        self.channel_blocks = _cdiv(max(C, 1), self.block_c)
         index = device_index(device)
         programs = _CPU_PROGRAMS if index is None else _PROGRAMS_PER_SM * _multiprocessor_count(index)
         merge_cap = math.isqrt(int(_MERGE_READ_BUDGET * R * element_size / (2 * stats_size)))
+        self.block_c = 1
+        if channels_contiguous and C > 1:
+            # channels_last / (N, C): a tile spans neighbouring channels, which are adjacent in memory. Narrower
+            # tiles make more channel blocks where the merge caps the splits (few rows, or many per channel).
+            self.block_c = min(_next_power_of_2(C), _MAX_CHANNEL_BLOCK[kind])
+            while self.block_c > _MIN_CHANNEL_BLOCK[kind] and _cdiv(C, self.block_c) * merge_cap < programs:
+                self.block_c //= 2
+        self.block_r = max(1, min(tile // self.block_c, _next_power_of_2(R)))
+        self.channel_blocks = _cdiv(max(C, 1), self.block_c)
         splits = max(1, min(_cdiv(R, self.block_r), programs // self.channel_blocks, merge_cap))
         self.rows_per_split = _cdiv(_cdiv(R, splits), self.block_r) * self.block_r
         self.num_splits = _cdiv(R, self.rows_per_split)
