@@ -226,8 +226,8 @@ class BackwardPlan:
         flags = (weight is not None, bias is not None, has_residual)
         tile = (tiling.block_r, tiling.block_c, tiling.rows_i64, forward.compute)
         self.reduce = Launcher(backward_reduce_kernel, tiling.grid, tiling.num_warps, 10, index)
-        dz_ncs = ncs_strides(shape, self.dx_stride)
-        self.reduce_tail = (*common, *dz_ncs, tiling.rows_per_split, stats, *flags,
+        grad_ncs = ncs_strides(shape, self.dx_stride)  # dx's and dz's: both are allocated in that layout
+        self.reduce_tail = (*common, *grad_ncs, tiling.rows_per_split, stats, *flags,
                             store_dz_in_reduce, forward.activation_id, *tile)
         # Without dx or dz to write, the input kernel only totals the weight and bias gradients: one split.
         rows_pass = need_input or (need_dz and not self.run_reduce)
@@ -235,7 +235,7 @@ class BackwardPlan:
         self.input = Launcher(backward_input_kernel, grid, tiling.num_warps, 13, index)
         self.input_tail = (
             forward.count, tiling.num_splits, *common,
-            *dz_ncs, *dz_ncs, tiling.rows_per_split, stats, BATCH.value,
+            *grad_ncs, *grad_ncs, tiling.rows_per_split, stats, BATCH.value,
             forward.training, *flags, need_input, need_dz and not self.run_reduce, store_dz_in_reduce,
             need_weight, need_bias, forward.activation_id, tiling.split_block, *tile)
 

@@ -209,7 +209,7 @@ class ForwardPlan:
             x if weight is None else weight, x if bias is None else bias,
             x if running_mean is None else running_mean, x if running_var is None else running_var,
             *split_float(eps), *split_float(momentum), *split_float(negative_slope), *self.normalize_tail)
-        if not self.dense_running:
+        if not self.dense_running and self.update_running:
             for target, updated in zip(targets, (running_mean, running_var)):
                 target.copy_(updated)
         return y, workspace

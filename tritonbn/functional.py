@@ -17,6 +17,7 @@ from .validation import check_activation, check_batch_norm_args, check_eps, chec
 
 __all__ = ["BatchNormActFunction", "batch_norm_act", "cpu_reference", "prepare", "run"]
 
+
 def _composite_only() -> bool:
     """Whether a transform is active that needs the op made of PyTorch ops (see the module docstring)."""
     return (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
@@ -28,15 +29,16 @@ def prepare(input, running_mean, running_var, weight, bias, residual, training, 
     None where the call runs the PyTorch reference or, inside torch.compile, the custom ops."""
     check_tensor_types(input, running_mean, running_var, weight, bias, residual)
     check_eps(eps, training)
+    arguments = (input, running_mean, running_var, weight, bias, residual, training)
     if torch.compiler.is_compiling() or not uses_kernels(input) or _composite_only():
         check_activation(activation)
-        check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
+        check_batch_norm_args(*arguments)
         return None
     key = plans.key(input, weight, bias, residual, running_mean, running_var, training, activation)
     plan = plans.cached(key)
     if plan is None:  # the checks depend only on what the key holds, so a cached plan was checked already
         check_activation(activation)
-        check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
+        check_batch_norm_args(*arguments)
         plan = plans.new(key, input, weight, bias, residual, running_mean, training, activation)
     return plan
 
@@ -77,7 +79,7 @@ class BatchNormActFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
                 negative_slope, plan):
         output, workspace = plan(input, weight, bias, residual, running_mean, running_var, momentum, eps,
-                                    negative_slope)
+                                 negative_slope)
         # With the identity the pre-activation is never needed, so the residual need not stay alive.
         saved_residual = residual if activation != "identity" else None
         if training:  # the workspace holds the batch's mean and rstd

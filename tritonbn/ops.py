@@ -41,23 +41,23 @@ def _(input, weight, bias, residual, running_mean, running_var, training, moment
 
 
 @torch.library.custom_op("tritonbn::backward", mutates_args=())
-def backward(grad_output: Tensor, input: Tensor, workspace: Tensor, weight: Tensor | None, bias: Tensor | None,
+def backward(grad_output: Tensor, input: Tensor, stats: Tensor, weight: Tensor | None, bias: Tensor | None,
              residual: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None, training: bool,
              eps: float, activation: str, negative_slope: float, needs: list[bool]) -> list[Tensor]:
     """[grad input, grad weight, grad bias, grad residual]; an empty tensor for each gradient not wanted
-    (``needs`` says which are), since ops cannot return None."""
+    (``needs`` says which are), since ops cannot return None. ``stats`` is the forward's second output."""
     from . import kernels
+
     plan = plan_for(input, weight, bias, residual, running_mean, running_var, training, activation)
-    saved_residual = residual if activation != "identity" else None
-    stats = workspace if training else None
-    grads = kernels.backward_plan(plan, grad_output, weight, bias, saved_residual, tuple(needs))(
-        grad_output, input, stats, weight, bias, saved_residual, running_mean, running_var, eps, negative_slope)
+    stats = stats if training else None
+    grads = kernels.backward_plan(plan, grad_output, weight, bias, residual, tuple(needs))(
+        grad_output, input, stats, weight, bias, residual, running_mean, running_var, eps, negative_slope)
     # The identity's residual gradient is grad_output itself: an op may not return an alias of its input.
     return [input.new_empty(0) if grad is None else grad.clone() if grad is grad_output else grad for grad in grads]
 
 
 @backward.register_fake
-def _(grad_output, input, workspace, weight, bias, residual, running_mean, running_var, training, eps, activation,
+def _(grad_output, input, stats, weight, bias, residual, running_mean, running_var, training, eps, activation,
       negative_slope, needs):
     need_input, need_weight, need_bias, need_residual = needs
     return [_output_like(input, input.dtype) if need_input else input.new_empty(0),
@@ -72,19 +72,19 @@ class CompiledBatchNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
                 negative_slope):
-        output, workspace = torch.ops.tritonbn.forward(input, weight, bias, residual, running_mean, running_var,
+        output, stats = torch.ops.tritonbn.forward(input, weight, bias, residual, running_mean, running_var,
                                                        training, momentum, eps, activation, negative_slope)
-        ctx.save_for_backward(input, workspace, weight, bias, residual, running_mean, running_var)
+        ctx.save_for_backward(input, stats, weight, bias, residual, running_mean, running_var)
         ctx.options = (training, eps, activation, negative_slope)
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, workspace, weight, bias, residual, running_mean, running_var = ctx.saved_tensors
+        input, stats, weight, bias, residual, running_mean, running_var = ctx.saved_tensors
         training, eps, activation, negative_slope = ctx.options
         needs = [bool(need) and tensor is not None
                  for need, tensor in zip(ctx.needs_input_grad[:4], (input, weight, bias, residual))]
-        grads = torch.ops.tritonbn.backward(grad_output, input, workspace, weight, bias, residual, running_mean,
+        grads = torch.ops.tritonbn.backward(grad_output, input, stats, weight, bias, residual, running_mean,
                                             running_var, training, eps, activation, negative_slope, needs)
         grads = [grad if need else None for grad, need in zip(grads, needs)]
         return (*grads, None, None, None, None, None, None, None)
