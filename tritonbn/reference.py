@@ -42,9 +42,10 @@ def update_running_stats(running_mean, running_var, mean, m2, count, momentum):
     as PyTorch does; nothing to do without running statistics or for an empty batch."""
     if running_mean is None or count == 0:
         return
-    with torch.no_grad():
-        running_mean.lerp_(mean.detach().to(running_mean.dtype), float(momentum))
-        running_var.lerp_((m2.detach() / (count - 1)).to(running_var.dtype), float(momentum))
+    # Through ``.data``, as PyTorch's kernels write them: in place without bumping the version counter, so an
+    # nn.BatchNorm sharing these buffers, which saved them for its backward, can still run that backward.
+    running_mean.data.lerp_(mean.detach().to(running_mean.dtype), float(momentum))
+    running_var.data.lerp_((m2.detach() / (count - 1)).to(running_var.dtype), float(momentum))
 
 
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,24 +49,29 @@ def check_tensor_types(input, running_mean, running_var, weight, bias, residual)
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
 
 
-@functools.cache
-def _torch_checks_eps() -> bool:
-    """Whether this PyTorch's F.batch_norm rejects a non-positive eps (2.13 does; older releases give NaN)."""
+@functools.lru_cache(maxsize=64)
+def _torch_eps_error(eps: float, training: bool):
+    """(exception class, message) that this PyTorch's F.batch_norm raises for ``eps``, or None if it accepts it.
+
+    Learnt from PyTorch itself on a tiny tensor, once per value: releases differ in what they reject (2.11
+    also rejects eps == 0 in eval) and in the words ("... positive during training ..." from 2.13 on).
+    """
+    x = torch.linspace(-1.0, 1.0, 4).reshape(2, 2)
     try:
-        F.batch_norm(torch.ones(2, 1), None, None, training=True, eps=0.0)
-    except ValueError:
-        return True
-    return False
+        F.batch_norm(x, torch.zeros(2), torch.ones(2), training=training, eps=eps)
+    except Exception as error:  # whatever PyTorch raises, raised again as it is
+        return type(error), str(error)
+    return None
 
 
 def check_eps(eps, training) -> None:
-    """PyTorch's ValueError for eps <= 0 in training or eps < 0 in eval, where this PyTorch raises it."""
-    if eps > 0.0 or not _torch_checks_eps():
+    """For a non-positive eps, the error this PyTorch's batch norm raises, if it raises one."""
+    if eps > 0.0:
         return
-    if training:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    error = _torch_eps_error(float(eps), bool(training))
+    if error is not None:
+        error_class, message = error
+        raise error_class(message)
 
 
 def check_activation(activation: str) -> str:
