@@ -1,14 +1,19 @@
-"""Forward kernels: batch moments, then normalise + residual add + activation, at most two launches.
+"""The forward kernel family: batch moments, then normalise + residual add + activation.
 
-Training: ``moments_partial_kernel`` writes each split's (mean, M2) per channel; ``normalize_kernel`` then
-merges those partials itself, in split order, in every program (a few KB read from L2 per program), so no
-third "finalize" launch, atomic or ticket is needed and the result is bitwise reproducible. The programs of
-split 0 store the merged mean and rstd for backward and update the running statistics.
-Eval: ``normalize_kernel`` alone, with the running statistics folded into scale and shift per channel.
+One jit function, ``forward_kernel``; its PHASE constexpr says what a launch does (tiles.py):
+- PARTIALS / TICKET: each program accumulates its split's (count, mean, M2) per channel (per-lane shifted
+  sums, FMA only, reduced across the tile once at the end) and writes them; with TICKET the last program of
+  each channel block merges them once into mean and rstd, stores those for backward and updates the
+  running statistics.
+- APPLY: y = act((x - mean) * rstd * weight + bias [+ residual]) with the statistics GIVEN (finalized by
+  the ticket), MERGEd by each program from the partials (the merge variant), or from the RUNNING ones (eval).
+- PERSISTENT: both in one launch, the tile kept in registers across a grid-wide barrier (one tile a program).
 
 Traffic in passes over one activation tensor (the residual adds its own read):
-  training: read x (moments), read x + write y (normalise)   = 3
-  eval:     read x + write y                                  = 2
+  training, two launches: read x (moments), read x + write y (normalise)   = 3
+  training, persistent:   read x, write y                                   = 2
+  eval:                   read x + write y                                  = 2
+The workspace holds [2, C] mean and rstd (what backward needs), then the [3, splits, C] partials.
 """
 
 import torch
@@ -17,151 +22,254 @@ import triton.language as tl
 
 from ..reference import output_dtype
 from .activations import activation_forward
-from .launch import Launcher
+from .configs import choose
+from .launch import Launcher, stream_of
 from .plan import (
+    LAYOUT_NAMES,
     Tiling,
     compute_dtype,
-    dense,
+    counters,
     device_index,
+    kernel_strides,
+    layout_family,
     ncs_strides,
+    needs_int64,
     output_layout,
     spatial_size,
     split_float,
     stats_dtype,
 )
-from .tiles import BATCH, RUNNING, affine, channel_block, channel_stats, merge_moments, scalar, split_rows, tile_offsets
+from .tiles import (
+    APPLY,
+    GIVEN,
+    MERGE,
+    PARTIALS,
+    PERSISTENT,
+    RUNNING,
+    TICKET,
+    affine,
+    channel_block,
+    channel_stats,
+    grid_barrier,
+    scalar,
+    split_tiles,
+    take_ticket,
+    tile_offsets,
+    tile_rows,
+)
 
 
 @triton.jit
-def moments_partial_kernel(
-    x_ptr,  # input, addressed as (N, C, S) through the three strides below
-    workspace_ptr,  # [2, C] statistics (normalize_kernel's), then out: [2, num_splits, C] per-split mean, M2
-    R, C, S,  # reduction rows (N * S), channels, spatial size (product of the dims after C; 1 for 2-D input)
-    stride_n, stride_c, stride_s,  # strides of x
-    rows_per_split,  # rows each split owns; a multiple of BLOCK_R
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # tile shape
-    ROWS_I64: tl.constexpr,  # row indices need int64
-    COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
-):
-    cols, col_mask = channel_block(C, BLOCK_C)
-    row_start, row_end = split_rows(rows_per_split, R, ROWS_I64)
+def _load_tile(x_ptr, t, R, N, S, s_tiles, cols, col_mask, x_sa, x_sc, x_sb, LAYOUT: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_I64: tl.constexpr, COMPUTE: tl.constexpr):
+    """(x, mask, rows) of tile ``t``: its values (0 where masked off), mask and number of rows."""
+    a, b, row_mask = tile_rows(t, R, N, S, s_tiles, LAYOUT, BLOCK_R, BLOCK_S)
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + tile_offsets(a, b, cols, S, x_sa, x_sc, x_sb, LAYOUT, INDEX_I64), mask=mask, other=0.0)
+    return x.to(COMPUTE), mask, tl.sum(row_mask.to(COMPUTE), axis=0)
+
+
+@triton.jit
+def _split_moments(x, mask, rows, x_ptr, t, end, R, N, S, s_tiles, cols, col_mask, x_sa, x_sc, x_sb,
+                   LAYOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_I64: tl.constexpr,
+                   COMPUTE: tl.constexpr):
+    """(count, mean, M2) per channel of a split whose first tile is loaded (``x``, ``mask``, ``rows``) and whose
+    other tiles run from ``t`` to ``end``.
+
+    Deviations are taken from the first tile's mean (which they all stay close to, so a channel with mean
+    1e4 and std 1 keeps full precision) and summed per lane, FMA only: one cross-thread reduction at the end
+    instead of one per tile.
+    """
+    shift = tl.sum(x, axis=0) / rows
+    deviation = tl.where(mask, x - shift[None, :], 0.0)
+    sum_dev = deviation
+    sum_sq = deviation * deviation
+    count = rows
+    while t < end:
+        x, mask, rows = _load_tile(x_ptr, t, R, N, S, s_tiles, cols, col_mask, x_sa, x_sc, x_sb, LAYOUT, BLOCK_R,
+                                   BLOCK_S, INDEX_I64, COMPUTE)
+        deviation = tl.where(mask, x - shift[None, :], 0.0)
+        sum_dev += deviation
+        sum_sq += deviation * deviation
+        count += rows
+        t += 1
+    total_dev = tl.sum(sum_dev, axis=0)
+    offset = total_dev / count
+    m2 = tl.maximum(tl.sum(sum_sq, axis=0) - total_dev * offset, 0.0)
+    return tl.zeros_like(shift) + count, shift + offset, m2
+
+
+@triton.jit
+def _merge_moments(part_ptr, C, cols, col_mask, num_splits, SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                   COMPUTE: tl.constexpr):
+    """(count, mean, M2) of the channels ``cols`` from [3, num_splits, C] partials (counts, means, M2s).
+
+    The parallel-variance merge, M2 = sum of (M2_i + n_i (mean_i - mean)^2), in [SPLIT_BLOCK, BLOCK_C] tiles
+    in split order, with deviations from split 0's mean (exact for large means): the same bits in every
+    program that merges. Loads bypass L1: other programs of the same launch may have written them.
+    """
+    shift = tl.load(part_ptr + num_splits * C + cols, mask=col_mask, other=0.0, cache_modifier=".cg").to(COMPUTE)
     count = tl.zeros([BLOCK_C], dtype=COMPUTE)
-    mean = tl.zeros([BLOCK_C], dtype=COMPUTE)
-    m2 = tl.zeros([BLOCK_C], dtype=COMPUTE)
-    for start in range(row_start, row_end, BLOCK_R):
-        rows = start + tl.arange(0, BLOCK_R)
-        mask = (rows < row_end)[:, None] & col_mask[None, :]
-        x = tl.load(x_ptr + tile_offsets(rows, cols, S, stride_n, stride_c, stride_s), mask=mask, other=0.0)
-        x = x.to(COMPUTE)
-        # Two-pass moments of the tile (exact for large means), merged with Chan et al.'s formula.
-        tile_count = tl.minimum(row_end - start, BLOCK_R).to(COMPUTE)
-        tile_mean = tl.sum(x, axis=0) / tile_count
-        deviation = tl.where(mask, x - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(deviation * deviation, axis=0)
-        total = count + tile_count
-        delta = tile_mean - mean
-        weight = tile_count / total
-        mean += delta * weight
-        m2 += tile_m2 + delta * delta * count * weight
-        count = total
-    partials_ptr = workspace_ptr + 2 * C
-    out = tl.program_id(1) * C + cols
-    tl.store(partials_ptr + out, mean, mask=col_mask)
-    tl.store(partials_ptr + tl.num_programs(1) * C + out, m2, mask=col_mask)
+    sum_dev = tl.zeros([BLOCK_C], dtype=COMPUTE)
+    sum_sq = tl.zeros([BLOCK_C], dtype=COMPUTE)
+    first = 0
+    while first < num_splits:
+        splits = first + tl.arange(0, SPLIT_BLOCK)
+        offsets = splits[:, None] * C + cols[None, :]
+        mask = (splits < num_splits)[:, None] & col_mask[None, :]
+        counts = tl.load(part_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(COMPUTE)
+        means = tl.load(part_ptr + num_splits * C + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        m2s = tl.load(part_ptr + 2 * num_splits * C + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        deviation = tl.where(mask, means.to(COMPUTE) - shift[None, :], 0.0)
+        count += tl.sum(counts, axis=0)
+        sum_dev += tl.sum(counts * deviation, axis=0)
+        sum_sq += tl.sum(m2s.to(COMPUTE) + counts * deviation * deviation, axis=0)
+        first += SPLIT_BLOCK
+    count = tl.where(col_mask, count, 1.0)  # channels past C: no 0 / 0 (which the interpreter warns about)
+    offset = sum_dev / count
+    return count, shift + offset, tl.maximum(sum_sq - sum_dev * offset, 0.0)
 
 
 @triton.jit
-def normalize_kernel(
+def _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo, C, cols,
+              col_mask, num_splits, store, UPDATE_RUNNING: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+              BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
+    """(mean, rstd) of the batch from the partials after the workspace's [2, C] statistics; those
+    are stored there and the running statistics move towards the batch's (unbiased variance, as PyTorch),
+    where ``store`` holds."""
+    count, mean, m2 = _merge_moments(workspace_ptr + 2 * C, C, cols, col_mask, num_splits, SPLIT_BLOCK, BLOCK_C,
+                                     COMPUTE)
+    rstd = 1.0 / tl.sqrt(m2 / count + scalar(eps_hi, eps_lo, mean))
+    if store:
+        tl.store(workspace_ptr + cols, mean, mask=col_mask)
+        tl.store(workspace_ptr + C + cols, rstd, mask=col_mask)
+        if UPDATE_RUNNING:
+            momentum = scalar(momentum_hi, momentum_lo, mean)
+            running_mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
+            running_var = tl.load(running_var_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
+            running_mean += momentum * (mean - running_mean)
+            running_var += momentum * (m2 / (count - 1.0) - running_var)
+            tl.store(running_mean_ptr + cols, running_mean.to(running_mean_ptr.dtype.element_ty), mask=col_mask)
+            tl.store(running_var_ptr + cols, running_var.to(running_var_ptr.dtype.element_ty), mask=col_mask)
+    return mean, rstd
+
+
+@triton.jit
+def _normalize_tile(x, t, y_ptr, residual_ptr, mean, scale, bias, negative_slope, R, N, S, s_tiles, cols, col_mask,
+                    y_sa, y_sc, y_sb, r_sa, r_sc, r_sb, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                    LAYOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_I64: tl.constexpr,
+                    COMPUTE: tl.constexpr):
+    """Store act((x - mean) * scale + bias [+ residual]) for tile ``t`` whose x is given."""
+    a, b, row_mask = tile_rows(t, R, N, S, s_tiles, LAYOUT, BLOCK_R, BLOCK_S)
+    mask = row_mask[:, None] & col_mask[None, :]
+    # (x - mean) first: folding mean into the shift would cancel catastrophically for large means.
+    z = (x - mean[None, :]) * scale[None, :] + bias[None, :]
+    if HAS_RESIDUAL:
+        r_offsets = tile_offsets(a, b, cols, S, r_sa, r_sc, r_sb, LAYOUT, INDEX_I64)
+        z += tl.load(residual_ptr + r_offsets, mask=mask, other=0.0).to(COMPUTE)
+    y = activation_forward(z, negative_slope, ACTIVATION)
+    y_offsets = tile_offsets(a, b, cols, S, y_sa, y_sc, y_sb, LAYOUT, INDEX_I64)
+    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def forward_kernel(
     x_ptr,  # input
-    y_ptr,  # out: act((x - mean) * rstd * weight + bias [+ residual]), in the output dtype
+    y_ptr,  # out (APPLY, PERSISTENT): act((x - mean) * rstd * weight + bias [+ residual]), output dtype
     residual_ptr,  # residual added before the activation (read when HAS_RESIDUAL)
-    stats_ptr,  # the workspace: out [2, C] mean and rstd, then the moments' partials (STATS == BATCH)
+    workspace_ptr,  # [2, C] mean and rstd (out, or in when GIVEN), then the [3, num_splits, C] partials
+    counters_ptr,  # int32 ticket counters and grid barrier (tiles.py), zero at rest
     weight_ptr, bias_ptr,  # [C] affine parameters (read when HAS_WEIGHT / HAS_BIAS)
     running_mean_ptr, running_var_ptr,  # [C] folded in eval (STATS == RUNNING), updated when UPDATE_RUNNING
     eps_hi, eps_lo,  # eps as a float32 head and tail
     momentum_hi, momentum_lo,  # running-average factor as a float32 head and tail
     slope_hi, slope_lo,  # leaky_relu's negative slope as a float32 head and tail
-    R, C, S,  # reduction rows (N * S), channels, spatial size
-    x_stride_n, x_stride_c, x_stride_s,  # strides of x
-    y_stride_n, y_stride_c, y_stride_s,  # strides of y
-    r_stride_n, r_stride_c, r_stride_s,  # strides of the residual
-    rows_per_split,  # rows each program owns; a multiple of BLOCK_R
-    num_moment_splits,  # splits of the moments' partials (STATS == BATCH)
-    moment_rows_per_split,  # rows each of those splits owned
-    last_moment_split_rows,  # rows the last of them owned
-    STATS: tl.constexpr,  # BATCH (merge the partials) or RUNNING (eval); see tiles.py
-    UPDATE_RUNNING: tl.constexpr,  # fold the batch statistics into the running ones (program split 0)
+    R, N, C, S,  # rows (N * S), samples, channels, spatial size (product of the dims after C; 1 for 2-D)
+    s_tiles, num_tiles, tiles_per_split,  # PLANES: tiles per sample run; tiles in all; tiles per split
+    num_partials,  # splits of the partials being merged (STATS == MERGE)
+    x_sa, x_sc, x_sb,  # strides of x (plan.kernel_strides)
+    y_sa, y_sc, y_sb,  # strides of y
+    r_sa, r_sc, r_sb,  # strides of the residual
+    PHASE: tl.constexpr,  # PARTIALS, TICKET, APPLY or PERSISTENT (tiles.py)
+    STATS: tl.constexpr,  # APPLY: GIVEN, MERGE or RUNNING (tiles.py)
+    UPDATE_RUNNING: tl.constexpr,  # fold the batch statistics into the running ones
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr,  # activation id, see activations.py
+    LAYOUT: tl.constexpr,  # ROWS, PLANES or STRIDED (plan.py)
     SPLIT_BLOCK: tl.constexpr,  # partial splits merged per step
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # tile shape
-    ROWS_I64: tl.constexpr,  # row indices need int64
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile: rows, channels, PLANES run
+    INDEX_I64: tl.constexpr,  # offsets need int64
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     cols, col_mask = channel_block(C, BLOCK_C)
-    if STATS == BATCH:
-        count, mean, m2 = merge_moments(stats_ptr + 2 * C, C, cols, col_mask, num_moment_splits, moment_rows_per_split,
-                                        last_moment_split_rows, SPLIT_BLOCK, BLOCK_C, COMPUTE)
-        rstd = 1.0 / tl.sqrt(m2 / count + scalar(eps_hi, eps_lo, mean))
-        if tl.program_id(1) == 0:
-            tl.store(stats_ptr + cols, mean, mask=col_mask)
-            tl.store(stats_ptr + C + cols, rstd, mask=col_mask)
-            if UPDATE_RUNNING:
-                momentum = scalar(momentum_hi, momentum_lo, mean)
-                running_mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
-                running_var = tl.load(running_var_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
-                running_mean += momentum * (mean - running_mean)
-                running_var += momentum * (m2 / (count - 1.0) - running_var)  # unbiased, as PyTorch
-                tl.store(running_mean_ptr + cols, running_mean.to(running_mean_ptr.dtype.element_ty), mask=col_mask)
-                tl.store(running_var_ptr + cols, running_var.to(running_var_ptr.dtype.element_ty), mask=col_mask)
-    else:
-        mean, rstd = channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols, col_mask,
-                                   STATS, COMPUTE)
-    scale, bias = affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
-    negative_slope = scalar(slope_hi, slope_lo, mean)
-    row_start, row_end = split_rows(rows_per_split, R, ROWS_I64)
-    for start in range(row_start, row_end, BLOCK_R):
-        rows = start + tl.arange(0, BLOCK_R)
-        mask = (rows < row_end)[:, None] & col_mask[None, :]
-        x = tl.load(x_ptr + tile_offsets(rows, cols, S, x_stride_n, x_stride_c, x_stride_s),
-                    mask=mask, other=0.0).to(COMPUTE)
-        # (x - mean) first: folding mean into the shift would cancel catastrophically for large means.
-        z = (x - mean[None, :]) * scale[None, :] + bias[None, :]
-        if HAS_RESIDUAL:
-            r_offsets = tile_offsets(rows, cols, S, r_stride_n, r_stride_c, r_stride_s)
-            z += tl.load(residual_ptr + r_offsets, mask=mask, other=0.0).to(COMPUTE)
-        y = activation_forward(z, negative_slope, ACTIVATION)
-        y_offsets = tile_offsets(rows, cols, S, y_stride_n, y_stride_c, y_stride_s)
-        tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    num_splits = tl.num_programs(1)
+    first, end = split_tiles(num_tiles, tiles_per_split)
+    if PHASE != APPLY:
+        x, mask, rows = _load_tile(x_ptr, first, R, N, S, s_tiles, cols, col_mask, x_sa, x_sc, x_sb, LAYOUT,
+                                   BLOCK_R, BLOCK_S, INDEX_I64, COMPUTE)
+        count, mean, m2 = _split_moments(x, mask, rows, x_ptr, first + 1, end, R, N, S, s_tiles, cols, col_mask,
+                                         x_sa, x_sc, x_sb, LAYOUT, BLOCK_R, BLOCK_S, INDEX_I64, COMPUTE)
+        partials = workspace_ptr + 2 * C + tl.program_id(1) * C + cols
+        tl.store(partials, count, mask=col_mask)
+        tl.store(partials + num_splits * C, mean, mask=col_mask)
+        tl.store(partials + 2 * num_splits * C, m2, mask=col_mask)
+        if PHASE == TICKET:
+            if take_ticket(counters_ptr, num_splits):
+                _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
+                          C, cols, col_mask, num_splits, True, UPDATE_RUNNING, SPLIT_BLOCK, BLOCK_C, COMPUTE)
+    if PHASE == PERSISTENT:
+        grid_barrier(counters_ptr)
+    if PHASE == APPLY or PHASE == PERSISTENT:
+        if PHASE == PERSISTENT or STATS == MERGE:
+            # Every program merges its channels' partials; split 0's programs store them and update.
+            partial_splits = num_splits if PHASE == PERSISTENT else num_partials
+            mean, rstd = _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, momentum_hi,
+                                   momentum_lo, C, cols, col_mask, partial_splits, tl.program_id(1) == 0,
+                                   UPDATE_RUNNING, SPLIT_BLOCK, BLOCK_C, COMPUTE)
+        else:
+            mean, rstd = channel_stats(workspace_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols,
+                                       col_mask, STATS, COMPUTE)
+        scale, bias = affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
+        negative_slope = scalar(slope_hi, slope_lo, mean)
+        if PHASE == PERSISTENT:  # the split's one tile, still in registers
+            _normalize_tile(x, first, y_ptr, residual_ptr, mean, scale, bias, negative_slope, R, N, S, s_tiles, cols,
+                            col_mask, y_sa, y_sc, y_sb, r_sa, r_sc, r_sb, HAS_RESIDUAL, ACTIVATION, LAYOUT, BLOCK_R,
+                            BLOCK_S, INDEX_I64, COMPUTE)
+        else:
+            t = first
+            while t < end:
+                x, _, _ = _load_tile(x_ptr, t, R, N, S, s_tiles, cols, col_mask, x_sa, x_sc, x_sb, LAYOUT, BLOCK_R,
+                                     BLOCK_S, INDEX_I64, COMPUTE)
+                _normalize_tile(x, t, y_ptr, residual_ptr, mean, scale, bias, negative_slope, R, N, S, s_tiles, cols,
+                                col_mask, y_sa, y_sc, y_sb, r_sa, r_sc, r_sb, HAS_RESIDUAL, ACTIVATION, LAYOUT,
+                                BLOCK_R, BLOCK_S, INDEX_I64, COMPUTE)
+                t += 1
 
 
 # --------------------------------------------------------------------------------------------------
-# Plan and launcher
+# Plan
 # --------------------------------------------------------------------------------------------------
 
 
 class ForwardPlan:
-    """Everything a forward call needs that depends only on its tensors' shapes, strides and dtypes and
-    on its options: the layouts, the tiling, the buffers to allocate and the two launchers.
+    """Everything a forward call needs that depends only on its tensors' shapes, strides and dtypes, its
+    options and the configuration: the layouts, the tiling, the buffers to allocate and the launches.
 
     Backward plans for the same forward hang off it (``backward_plans``), so backward finds its own with one
-    dictionary look-up.
+    dictionary look-up. ``config`` overrides the tuning table's choice (``tritonbn-perf tune``, the tests).
     """
 
-    def __init__(self, x, weight, bias, residual, running_mean, training, activation_id):
+    def __init__(self, x, weight, bias, residual, running_mean, training, activation_id, config=None):
         shape, stride = tuple(x.shape), x.stride()
         self.out_dtype = output_dtype(x, residual)
         self.out_stride, self.copy_input = output_layout(shape, stride)
-        x_stride = self.out_stride if self.copy_input else stride
         self.shape = shape
-        self.x_ncs = ncs_strides(shape, x_stride)
+        self.x_ncs = ncs_strides(shape, self.out_stride if self.copy_input else stride)
         self.copy_residual = residual is not None and ncs_strides(shape, residual.stride()) is None
-        r_ncs = (0, 0, 0)
-        if residual is not None:
-            r_ncs = ncs_strides(shape, self.out_stride if self.copy_residual else residual.stride())
-        self.R, self.C, self.S = shape[0] * spatial_size(shape), shape[1], spatial_size(shape)
-        self.count = self.R  # values per channel the statistics are taken over
+        self.N, self.C, self.S = shape[0], shape[1], spatial_size(shape)
+        self.R = self.count = self.N * self.S  # values per channel the statistics are taken over
         self.empty = self.R == 0 or self.C == 0
+        self.dtype = x.dtype
         self.stats_dtype = stats_dtype(x.dtype)
         self.compute = compute_dtype(x.dtype)
         self.training = training
@@ -169,21 +277,31 @@ class ForwardPlan:
         self.dense_running = running_mean is None or running_mean.stride() == (1,)
         # The kernels index per-channel tensors as dense vectors; a strided one (a view) is copied per call.
         self.copy_params = any(t is not None and t.stride() != (1,) for t in (weight, bias))
-        self.tiling = tiling = Tiling(self.R, self.C, self.x_ncs[1] == 1, x.device, x.element_size(),
-                                      torch.finfo(self.stats_dtype).bits // 8)
-        self.workspace_numel = 2 * self.C + 2 * tiling.num_splits * self.C  # mean and rstd, then the partials
         self.activation_id = activation_id
         self.backward_plans = {}
-        index = device_index(x.device)
-        tile = (tiling.block_r, tiling.block_c, tiling.rows_i64, self.compute)
-        self.moments = Launcher(moments_partial_kernel, tiling.grid, tiling.num_warps, 2, index)
-        self.moments_tail = (self.R, self.C, self.S, *self.x_ncs, tiling.rows_per_split, *tile)
-        self.normalize = Launcher(normalize_kernel, tiling.grid, tiling.num_warps, 8, index)
-        self.normalize_tail = (
-            self.R, self.C, self.S, *self.x_ncs, *ncs_strides(shape, self.out_stride), *r_ncs,
-            tiling.rows_per_split, tiling.num_splits, tiling.rows_per_split, tiling.last_split_rows,
-            (BATCH if training else RUNNING).value, self.update_running, weight is not None, bias is not None,
-            residual is not None, activation_id, tiling.split_block, *tile)
+        all_ncs = [self.x_ncs, ncs_strides(shape, self.out_stride)]
+        if residual is not None:
+            all_ncs.append(ncs_strides(shape, self.out_stride if self.copy_residual else residual.stride()))
+        family = layout_family(self.N, self.S, all_ncs)
+        self.config = config or choose("fwd" if training else "eval", x.dtype, LAYOUT_NAMES[family], self.N, self.C,
+                                       self.S, x.device)
+        self.tiling = tiling = Tiling(self.config, family, self.N, self.C, self.S, x.device)
+        strides = [kernel_strides(tiling.layout, self.S, ncs) for ncs in all_ncs] + [(0, 0, 0)]
+        self.index = index = device_index(x.device)
+        self.workspace_numel = 2 * self.C + 3 * tiling.num_splits * self.C  # mean and rstd, then the partials
+        flags = (self.update_running, weight is not None, bias is not None, residual is not None, activation_id)
+        tail = (*tiling.sizes(self.N, self.C, self.S), tiling.num_splits, *strides[0], *strides[1], *strides[2])
+        tile = tiling.constexprs(needs_int64(shape, all_ncs), self.compute)
+        variant = self.config.variant if training else "eval"
+        if variant == "persistent" and index is None:
+            variant = "merge"  # the interpreter runs programs one by one: the barrier's two halves as two launches
+        phases = {"eval": [(APPLY, RUNNING)], "ticket": [(TICKET, GIVEN), (APPLY, GIVEN)],
+                  "merge": [(PARTIALS, GIVEN), (APPLY, MERGE)], "persistent": [(PERSISTENT, GIVEN)]}[variant]
+        self.uses_counters = variant in ("ticket", "persistent")
+        self.launches = [
+            (Launcher(forward_kernel, tiling.grid, tiling.num_warps, 9, index, cooperative=phase == PERSISTENT),
+             (*tail, phase.value, stats.value, *flags, *tile))
+            for phase, stats in phases]
 
     def __call__(self, x, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope):
         """(y, the workspace that begins with the batch's mean and rstd; None in eval)."""
@@ -199,18 +317,23 @@ class ForwardPlan:
             workspace = torch.empty(self.workspace_numel, dtype=self.stats_dtype, device=x.device)
         if self.empty:
             return y, workspace
-        if self.training:
-            self.moments(x, workspace, *self.moments_tail)
         if not self.dense_running:  # the kernel updates dense copies of strided running statistics
             targets = running_mean, running_var
             running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
-        self.normalize(
-            x, y, x if residual is None else residual, x if workspace is None else workspace,
-            x if weight is None else weight, x if bias is None else bias,
-            x if running_mean is None else running_mean, x if running_var is None else running_var,
-            *split_float(eps), *split_float(momentum), *split_float(negative_slope), *self.normalize_tail)
+        count = counters(x.device, self.index, stream_of(self.index), self.tiling.channel_blocks + 1) \
+            if self.uses_counters else x
+        tensors = (x, y, x if residual is None else residual, x if workspace is None else workspace, count,
+                   x if weight is None else weight, x if bias is None else bias,
+                   x if running_mean is None else running_mean, x if running_var is None else running_var)
+        floats = (*split_float(eps), *split_float(momentum), *split_float(negative_slope))
+        for launch, tail in self.launches:
+            launch(*tensors, *floats, *tail)
         if not self.dense_running and self.update_running:
             for target, updated in zip(targets, (running_mean, running_var)):
                 target.copy_(updated)
         return y, workspace
 
+
+def dense(t):
+    """``t`` (or None) as a dense tensor: the kernels index per-channel vectors with stride 1."""
+    return None if t is None else t.contiguous()

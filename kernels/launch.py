@@ -15,6 +15,7 @@ differs from the compiled specialization (a pointer not 16-byte aligned, which T
 launch hooks are set (profilers), the call takes the ordinary launch instead.
 """
 
+import torch
 import triton
 
 _ALIGNMENT = 16  # Triton compiles separate variants for pointers divisible by 16 and for the others
@@ -57,13 +58,14 @@ class Launcher:
     fixed, except float scalars, which Triton does not specialise on.
     """
 
-    __slots__ = ("kernel", "grid", "num_warps", "num_tensors", "_direct", "_get_stream", "_device")
+    __slots__ = ("kernel", "grid", "num_warps", "num_tensors", "cooperative", "_direct", "_get_stream", "_device")
 
-    def __init__(self, kernel, grid, num_warps, num_tensors, device_index):
+    def __init__(self, kernel, grid, num_warps, num_tensors, device_index, cooperative=False):
         self.kernel = kernel
         self.grid = (grid + (1, 1))[:3]
         self.num_warps = num_warps
         self.num_tensors = num_tensors
+        self.cooperative = cooperative  # every program resident at once (a grid-wide barrier waits for all)
         self._direct = None  # (run, function, packed_metadata) once the kernel is compiled
         self._get_stream = None
         self._device = device_index
@@ -75,7 +77,8 @@ class Launcher:
             g0, g1, g2 = self.grid
             run(g0, g1, g2, self._get_stream(self._device), function, metadata, None, None, None, *args)
             return
-        compiled = self.kernel[self.grid](*args, num_warps=self.num_warps)
+        options = {"launch_cooperative_grid": True} if self.cooperative else {}
+        compiled = self.kernel[self.grid](*args, num_warps=self.num_warps, **options)
         if direct is None and compiled is not None and self._device is not None and self._aligned(args):
             self._enable_direct(compiled)
 
@@ -88,3 +91,13 @@ class Launcher:
         if parts is not None and get_stream is not None:
             self._get_stream = get_stream
             self._direct = parts
+
+
+def stream_of(device_index):
+    """The raw handle of device ``device_index``'s current CUDA stream, or None off CUDA."""
+    if device_index is None:
+        return None
+    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's own launcher calls
+    if get_raw is not None:
+        return get_raw(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream

@@ -1,7 +1,8 @@
-"""Launch planning: tile shapes, the split of the N*S rows across programs, and tensor layouts.
+"""Launch planning: layouts, the tiling a configuration gives a call, and the kernels' integer counters.
 
-Everything here depends only on shapes, strides, dtypes and the device, so the forward and backward plans
-compute it once per specialization and every later call with the same tensors only allocates and launches.
+Everything here depends only on shapes, strides, dtypes, the device and the configuration, so the forward
+and backward plans compute it once per specialization and a later call with the same tensors only
+allocates and launches.
 """
 
 import functools
@@ -11,24 +12,28 @@ import struct
 import torch
 import triton.language as tl
 
-# The interpreter runs one program after another in Python: small tiles keep tests quick and make small
-# test shapes cross tile and split boundaries; GPUs want big tiles and several programs per SM.
-_TILE_ELEMENTS = {"cuda": 4096, "cpu": 512}
-_PROGRAMS_PER_SM = 4
-_CPU_PROGRAMS = 32
-_MAX_CHANNEL_BLOCK = {"cuda": 64, "cpu": 16}
-# Channel blocks shrink towards this while the splits the merge allows leave the device short of programs
-# (16 float32 channels are 64 contiguous bytes of a channels_last row: whole 32-byte sectors).
-_MIN_CHANNEL_BLOCK = {"cuda": 16, "cpu": 4}
-# Every program of a direction's second kernel reads all the partials of its channels: splits^2 * C pairs
-# in all. Capping the splits keeps those (L2-resident) reads under this fraction of the tensor's bytes.
-_MERGE_READ_BUDGET = 0.05
+from .configs import KernelConfig, next_power_of_2
+
+# Layout families (the kernels' LAYOUT constexpr): how a tile's element offsets are formed.
+ROWS = 0  # the N and spatial dims collapse into one row dim: offset = row * row_stride + c * stride_c
+PLANES = 1  # spatial positions contiguous: offset = n * stride_n + c * stride_c + s
+STRIDED = 2  # any (n, c, s) strides: row r = n * S + s, taken apart by a division per row
+LAYOUT_NAMES = {ROWS: "rows", PLANES: "planes", STRIDED: "strided"}
+
+_CPU_PROGRAMS = 24  # programs of a looped launch under the interpreter (small, so tests cross splits)
 _MERGE_TILE = {"cuda": 2048, "cpu": 32}  # partials merged per step, [SPLIT_BLOCK, BLOCK_C]
+_INT32_LIMIT = 2**31 - 1
+# Ticket counters per (device, stream): slot 0 is the persistent variant's grid barrier, slot 1 + b the
+# ticket of channel block b. Every kernel leaves them as it found them (tickets back at 0, the barrier's
+# top bit flipped an even number of times... or odd: the barrier works from either), so one zeroed buffer
+# serves every launch on its stream.
+_COUNTERS: dict = {}
+_COUNTER_SLOTS = 4096
 
 
 @functools.cache
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def multiprocessor_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def device_index(device: torch.device):
@@ -38,43 +43,8 @@ def device_index(device: torch.device):
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-class Tiling:
-    """Tile shape and the split of the R = N*S rows across programs, shared by a call's kernels."""
-
-    def __init__(self, R: int, C: int, channels_contiguous: bool, device: torch.device, element_size: int = 4,
-                 stats_size: int = 4):
-        kind = "cuda" if device.type == "cuda" else "cpu"
-        R = max(R, 1)  # an empty batch launches nothing, but the shapes below stay valid
-        tile = _TILE_ELEMENTS[kind]
-        index = device_index(device)
-        programs = _CPU_PROGRAMS if index is None else _PROGRAMS_PER_SM * _multiprocessor_count(index)
-        merge_cap = math.isqrt(int(_MERGE_READ_BUDGET * R * element_size / (2 * stats_size)))
-        self.block_c = 1
-        if channels_contiguous and C > 1:
-            # channels_last / (N, C): a tile spans neighbouring channels, which are adjacent in memory. Narrower
-            # tiles make more channel blocks where the merge caps the splits (few rows, or many per channel).
-            self.block_c = min(_next_power_of_2(C), _MAX_CHANNEL_BLOCK[kind])
-            while self.block_c > _MIN_CHANNEL_BLOCK[kind] and _cdiv(C, self.block_c) * merge_cap < programs:
-                self.block_c //= 2
-        self.block_r = max(1, min(tile // self.block_c, _next_power_of_2(R)))
-        self.channel_blocks = _cdiv(max(C, 1), self.block_c)
-        splits = max(1, min(_cdiv(R, self.block_r), programs // self.channel_blocks, merge_cap))
-        self.rows_per_split = _cdiv(_cdiv(R, splits), self.block_r) * self.block_r
-        self.num_splits = _cdiv(R, self.rows_per_split)
-        self.last_split_rows = R - (self.num_splits - 1) * self.rows_per_split
-        # The last split's end row and tile must stay inside int32, or the kernels index in int64.
-        self.rows_i64 = self.num_splits * self.rows_per_split + self.block_r >= 2**31
-        self.split_block = min(_next_power_of_2(self.num_splits), max(1, _MERGE_TILE[kind] // self.block_c))
-        self.grid = (self.channel_blocks, self.num_splits)
-        self.num_warps = 4 if self.block_r * self.block_c <= 2048 else 8
 
 
 def ncs_strides(shape, stride):
@@ -99,9 +69,105 @@ def output_layout(shape, stride) -> tuple[tuple[int, ...], bool]:
     return torch.empty_like(torch.empty_strided(shape, stride, device="meta")).stride(), False
 
 
-def dense(t):
-    """``t`` (or None) as a dense tensor: the kernels index per-channel vectors with stride 1."""
-    return None if t is None else t.contiguous()
+def spatial_size(shape) -> int:
+    return math.prod(shape[2:])
+
+
+def _rows_collapse(N, S, ncs) -> bool:
+    return N == 1 or S == 1 or ncs[0] == S * ncs[2]
+
+
+def layout_family(N, S, all_ncs) -> int:
+    """The fastest addressing every tensor of a call supports: channel-contiguous rows, spatial planes, or
+    any strides. Zero strides (an expanded gradient) are fine: they collapse like any other."""
+    if all(ncs[1] == 1 and _rows_collapse(N, S, ncs) for ncs in all_ncs):
+        return ROWS
+    if S > 1 and all(ncs[2] == 1 for ncs in all_ncs):
+        return PLANES
+    if all(_rows_collapse(N, S, ncs) for ncs in all_ncs):
+        return ROWS
+    return STRIDED
+
+
+def kernel_strides(layout: int, S: int, ncs) -> tuple[int, int, int]:
+    """The three strides a kernel gets for one tensor: (row or n stride, c stride, s stride)."""
+    if layout == ROWS:
+        return (ncs[2] if S > 1 else ncs[0]), ncs[1], 0
+    return ncs
+
+
+def needs_int64(shape, all_ncs) -> bool:
+    """Whether some element offset (or row index) of a call's tensors passes int32."""
+    N, C, S = shape[0], shape[1], spatial_size(shape)
+    if N * S + 2**16 > _INT32_LIMIT:
+        return True
+    return any((N - 1) * abs(n) + (C - 1) * abs(c) + (S - 1) * abs(s) + 2**16 > _INT32_LIMIT for n, c, s in all_ncs)
+
+
+class Tiling:
+    """The grid, tile and split of a call under ``config``, in layout family ``layout``.
+
+    Programs are (channel block, split); a split is a run of consecutive tiles. The ``persistent`` variant
+    gives every program exactly one tile, and needs all its programs resident at once.
+    """
+
+    def __init__(self, config: KernelConfig, layout: int, N: int, C: int, S: int, device: torch.device):
+        self.config = config
+        self.layout = STRIDED if config.addressing == "strided" else layout
+        self.block_c = min(config.block_c, next_power_of_2(max(C, 1)))
+        self.block_s = config.block_s if self.layout == PLANES else 1
+        self.block_r = config.block_r
+        if self.layout == PLANES:
+            block_n = self.block_r // self.block_s
+            self.s_tiles = cdiv(S, self.block_s)
+            self.num_tiles = cdiv(max(N, 1), block_n) * self.s_tiles
+        else:
+            self.s_tiles = 1
+            self.num_tiles = cdiv(max(N * S, 1), self.block_r)
+        self.channel_blocks = cdiv(max(C, 1), self.block_c)
+        index = device_index(device)
+        kind = "cpu" if index is None else "cuda"
+        if config.variant == "persistent":
+            self.tiles_per_split = 1
+            if index is not None:
+                resident = int(config.programs_per_sm * multiprocessor_count(index))
+                if self.channel_blocks * self.num_tiles > resident:
+                    raise ValueError(f"persistent configuration {config} needs {self.channel_blocks * self.num_tiles} "
+                                     f"resident programs for this shape; at most {resident} are assumed resident")
+        else:
+            programs = _CPU_PROGRAMS if index is None else int(config.programs_per_sm * multiprocessor_count(index))
+            splits = max(1, min(self.num_tiles, cdiv(programs, self.channel_blocks)))
+            self.tiles_per_split = cdiv(self.num_tiles, splits)
+        self.num_splits = cdiv(self.num_tiles, self.tiles_per_split)
+        self.split_block = min(next_power_of_2(self.num_splits), max(1, _MERGE_TILE[kind] // self.block_c))
+        self.grid = (self.channel_blocks, self.num_splits)
+        self.num_warps = config.num_warps
+
+    def sizes(self, N: int, C: int, S: int) -> tuple[int, ...]:
+        """The kernels' size arguments: R, N, C, S, s_tiles, num_tiles, tiles_per_split."""
+        return N * S, N, C, S, self.s_tiles, self.num_tiles, self.tiles_per_split
+
+    def constexprs(self, index_i64: bool, compute) -> tuple:
+        """The kernels' trailing tile constexprs: LAYOUT, SPLIT_BLOCK, BLOCK_R, BLOCK_C, BLOCK_S, INDEX_I64,
+        COMPUTE."""
+        return self.layout, self.split_block, self.block_r, self.block_c, self.block_s, index_i64, compute
+
+
+def counters(device: torch.device, index, stream, slots: int) -> torch.Tensor:
+    """The zeroed int32 counters of this device and stream, at least ``slots`` of them.
+
+    A buffer is zeroed once, when first needed on a stream, and each launch leaves it as it found it. Inside a
+    CUDA-graph capture a new buffer's zeroing would be recorded but not run, so there a call that finds no
+    buffer gets a fresh one of its own, zeroed by the graph itself each replay.
+    """
+    key = (index, stream)
+    buffer = _COUNTERS.get(key)
+    if buffer is None or buffer.numel() < slots:
+        buffer = torch.zeros(max(slots, _COUNTER_SLOTS), dtype=torch.int32, device=device)
+        if index is not None and torch.cuda.is_current_stream_capturing():
+            return buffer
+        _COUNTERS[key] = buffer
+    return buffer
 
 
 def compute_dtype(dtype: torch.dtype):
@@ -119,7 +185,3 @@ def split_float(value: float) -> tuple[float, float]:
     kernels rebuild the value from both (to about 48 bits)."""
     head = struct.unpack("f", struct.pack("f", value))[0]
     return head, value - head
-
-
-def spatial_size(shape) -> int:
-    return math.prod(shape[2:])

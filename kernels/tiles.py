@@ -1,26 +1,35 @@
-"""Jit helpers shared by the forward and backward kernels: tile addressing, scalars, partial merges.
+"""Jit helpers shared by the forward and backward kernels: tile addressing per layout, per-channel values,
+partial results and the grid-wide synchronisation of the ticket and persistent variants.
 
-Every tensor is addressed as a 3-D view (N, C, S), S being all spatial dims collapsed, through its own
-three strides. A program owns BLOCK_C channels (axis 0 of the grid) and a contiguous slice, a "split", of
-the N*S reduction rows (axis 1), which it walks in BLOCK_R-row tiles.
+A program owns BLOCK_C channels (grid axis 0) and a split (axis 1): a run of ``tiles_per_split`` consecutive
+tiles of BLOCK_R rows. Rows are (sample, spatial position) pairs. Per layout family (the LAYOUT constexpr):
+- ROWS: the sample and spatial dims collapse into one row dim, offset = row * row_stride + c * stride_c
+  (channels_last, (N, C)); no division anywhere.
+- PLANES: offset = n * stride_n + c * stride_c + s with s contiguous (NCHW); a tile is BLOCK_R // BLOCK_S
+  samples x BLOCK_S spatial positions, so rows split by a power of two (a shift), never by S.
+- STRIDED: any (n, c, s) strides; row r is sample r // S, position r % S (a division per row).
+Each tensor brings its own three strides (see plan.kernel_strides), so views and mixed layouts need no copy.
+Offsets are int32 unless INDEX_I64 (a tensor that spans more than 2**31 elements).
+
+Loops are ``while`` loops: triton 3.6's interpreter cannot bound a ``range`` by a runtime value (it converts
+a one-element array to an int, which numpy >= 2.4 refuses); compiled, the two give the same code.
 """
 
 import triton
 import triton.language as tl
 
+from .plan import PLANES, ROWS
+
 # Where a kernel's per-channel statistics come from (the STATS constexpr).
-BATCH = tl.constexpr(0)  # merged from this call's partials (training)
-GIVEN = tl.constexpr(1)  # read from a [2, C] buffer of mean and rstd (backward, synchronized batch norm)
+GIVEN = tl.constexpr(0)  # read from a [2, C] buffer of mean and rstd (finalized already, or SyncBN's)
+MERGE = tl.constexpr(1)  # merged by this program from the first launch's partials (the merge variant)
 RUNNING = tl.constexpr(2)  # folded from the running statistics (eval)
 
-
-@triton.jit
-def tile_offsets(rows, cols, S, stride_n, stride_c, stride_s):
-    """Element offsets of a [BLOCK_R, BLOCK_C] tile; row r is sample r // S, spatial position r % S."""
-    n = rows // S
-    s = rows - n * S
-    row_offsets = n.to(tl.int64) * stride_n + s.to(tl.int64) * stride_s
-    return row_offsets[:, None] + cols.to(tl.int64)[None, :] * stride_c
+# What a launch does (the PHASE constexpr).
+PARTIALS = tl.constexpr(0)  # per-split partial results only (merge variant, SyncBN, persistent under the interpreter)
+TICKET = tl.constexpr(1)  # partials, then the last program of each channel block finalizes them
+APPLY = tl.constexpr(2)  # the elementwise pass: normalise (forward) or the input gradient (backward)
+PERSISTENT = tl.constexpr(3)  # partials, a grid-wide barrier, then APPLY on the tile still in registers
 
 
 @triton.jit
@@ -31,14 +40,41 @@ def channel_block(C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def split_rows(rows_per_split, R, ROWS_I64: tl.constexpr):
-    """First and end row of this program's split; int64 only when rows pass int32's range (rare, and
-    int64 index arithmetic is slower)."""
-    pid_split = tl.program_id(1)
-    if ROWS_I64:
-        pid_split = pid_split.to(tl.int64)
-    row_start = pid_split * rows_per_split
-    return row_start, tl.minimum(row_start + rows_per_split, R)
+def split_tiles(num_tiles, tiles_per_split):
+    """First and end tile of this program's split."""
+    first = tl.program_id(1) * tiles_per_split
+    return first, tl.minimum(first + tiles_per_split, num_tiles)
+
+
+@triton.jit
+def tile_rows(t, R, N, S, s_tiles, LAYOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(a, b, row mask) of tile ``t``'s BLOCK_R rows: PLANES gives (sample, position), the others (row, row)."""
+    i = tl.arange(0, BLOCK_R)
+    if LAYOUT == PLANES:
+        n = (t // s_tiles) * (BLOCK_R // BLOCK_S) + i // BLOCK_S
+        s = (t % s_tiles) * BLOCK_S + i % BLOCK_S
+        return n, s, (n < N) & (s < S)
+    else:
+        r = t * BLOCK_R + i
+        return r, r, r < R
+
+
+@triton.jit
+def tile_offsets(a, b, cols, S, stride_a, stride_c, stride_s, LAYOUT: tl.constexpr, INDEX_I64: tl.constexpr):
+    """Element offsets of a [BLOCK_R, BLOCK_C] tile of one tensor, from ``tile_rows``'s coordinates and that
+    tensor's strides (ROWS: row stride, c stride; PLANES and STRIDED: n, c and s strides)."""
+    if INDEX_I64:
+        a = a.to(tl.int64)
+        b = b.to(tl.int64)
+        cols = cols.to(tl.int64)
+    if LAYOUT == ROWS:
+        rows = a * stride_a
+    elif LAYOUT == PLANES:
+        rows = a * stride_a + b
+    else:
+        n = a // S
+        rows = n * stride_a + (a - n * S) * stride_s
+    return rows[:, None] + cols[None, :] * stride_c
 
 
 @triton.jit
@@ -49,57 +85,10 @@ def scalar(hi, lo, like):
 
 
 @triton.jit
-def merge_moments(part_ptr, C, cols, col_mask, num_splits, rows_per_split, last_split_rows,
-                  SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
-    """(count, mean, M2) of the channels ``cols`` from the per-split partials written by
-    ``moments_partial_kernel`` at ``part_ptr`` (means, then M2s, each [num_splits, C]).
-
-    The parallel-variance merge, M2 = sum of (M2_i + n_i (mean_i - mean)^2), in one pass of
-    [SPLIT_BLOCK, BLOCK_C] tiles, with the deviations taken from split 0's mean (exact for large means, as
-    every split's mean is close to it). Every program merges the same way, so all get bitwise the same
-    statistics: no atomics, no finalizing launch.
-    """
-    shift = tl.load(part_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
-    sum_dev = tl.zeros([BLOCK_C], dtype=COMPUTE)  # sum of n_i (mean_i - shift)
-    sum_sq = tl.zeros([BLOCK_C], dtype=COMPUTE)  # sum of M2_i + n_i (mean_i - shift)^2
-    for first in range(0, num_splits, SPLIT_BLOCK):
-        splits = first + tl.arange(0, SPLIT_BLOCK)
-        split_mask = splits < num_splits
-        counts = tl.where(splits == num_splits - 1, last_split_rows, rows_per_split).to(COMPUTE)
-        counts = tl.where(split_mask, counts, 0.0)
-        offsets = splits[:, None] * C + cols[None, :]
-        mask = split_mask[:, None] & col_mask[None, :]
-        means = tl.load(part_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
-        m2s = tl.load(part_ptr + num_splits * C + offsets, mask=mask, other=0.0).to(COMPUTE)
-        deviation = tl.where(mask, means - shift[None, :], 0.0)
-        sum_dev += tl.sum(counts[:, None] * deviation, axis=0)
-        sum_sq += tl.sum(m2s + counts[:, None] * deviation * deviation, axis=0)
-    count = (tl.zeros([BLOCK_C], dtype=COMPUTE) + (num_splits - 1)) * rows_per_split + last_split_rows
-    offset = sum_dev / count
-    return count, shift + offset, sum_sq - sum_dev * offset
-
-
-@triton.jit
-def sum_partials(part_ptr, C, cols, col_mask, num_splits, SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
-                 COMPUTE: tl.constexpr):
-    """Totals of two per-channel quantities from [2, num_splits, C] partials, in [SPLIT_BLOCK, BLOCK_C]
-    tiles, the same way in every program."""
-    sum_a = tl.zeros([BLOCK_C], dtype=COMPUTE)
-    sum_b = tl.zeros([BLOCK_C], dtype=COMPUTE)
-    for first in range(0, num_splits, SPLIT_BLOCK):
-        splits = first + tl.arange(0, SPLIT_BLOCK)
-        offsets = splits[:, None] * C + cols[None, :]
-        mask = (splits < num_splits)[:, None] & col_mask[None, :]
-        sum_a += tl.sum(tl.load(part_ptr + offsets, mask=mask, other=0.0).to(COMPUTE), axis=0)
-        sum_b += tl.sum(tl.load(part_ptr + num_splits * C + offsets, mask=mask, other=0.0).to(COMPUTE), axis=0)
-    return sum_a, sum_b
-
-
-@triton.jit
 def channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols, col_mask,
                   STATS: tl.constexpr, COMPUTE: tl.constexpr):
-    """Per-channel (mean, rstd) of a tile's channels, read from ``stats_ptr`` (mean, then rstd: STATS ==
-    GIVEN) or folded from the running statistics (STATS == RUNNING: eval mode)."""
+    """Per-channel (mean, rstd), read from ``stats_ptr`` (mean, then rstd) or folded from the running
+    statistics (STATS == RUNNING: eval mode)."""
     if STATS == RUNNING:
         mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
         var = tl.load(running_var_ptr + cols, mask=col_mask, other=1.0).to(COMPUTE)
@@ -124,11 +113,58 @@ def affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT: tl.constexpr,
 
 
 @triton.jit
-def channel_params(stats_ptr, running_mean_ptr, running_var_ptr, weight_ptr, bias_ptr, eps_hi, eps_lo, slope_hi,
-                   slope_lo, C, cols, col_mask, STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
-    """(mean, rstd, scale, bias, negative_slope) of a tile's channels, from given or running statistics."""
-    mean, rstd = channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols, col_mask,
-                               STATS, COMPUTE)
-    scale, bias = affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
-    return mean, rstd, scale, bias, scalar(slope_hi, slope_lo, mean)
+def store_partials(part_ptr, C, num_splits, cols, col_mask, first, second):
+    """This split's two per-channel partial results, at [0, split, :] and [1, split, :] of [2, num_splits, C]."""
+    out = tl.program_id(1) * C + cols
+    tl.store(part_ptr + out, first, mask=col_mask)
+    tl.store(part_ptr + num_splits * C + out, second, mask=col_mask)
+
+
+@triton.jit
+def sum_partials(part_ptr, C, cols, col_mask, num_splits, SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                 COMPUTE: tl.constexpr):
+    """Totals over the splits of two per-channel partial results ([2, num_splits, C] at ``part_ptr``), added in
+    [SPLIT_BLOCK, BLOCK_C] tiles in split order, so every program that adds them gets the same bits. Loads
+    bypass L1 (``.cg``): other programs of this launch wrote them (the ticket and persistent variants)."""
+    sum_a = tl.zeros([BLOCK_C], dtype=COMPUTE)
+    sum_b = tl.zeros([BLOCK_C], dtype=COMPUTE)
+    first = 0
+    while first < num_splits:
+        splits = first + tl.arange(0, SPLIT_BLOCK)
+        offsets = splits[:, None] * C + cols[None, :]
+        mask = (splits < num_splits)[:, None] & col_mask[None, :]
+        sum_a += tl.sum(tl.load(part_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(COMPUTE), axis=0)
+        sum_b += tl.sum(tl.load(part_ptr + num_splits * C + offsets, mask=mask, other=0.0,
+                                cache_modifier=".cg").to(COMPUTE), axis=0)
+        first += SPLIT_BLOCK
+    return sum_a, sum_b
+
+
+@triton.jit
+def take_ticket(counters_ptr, num_splits):
+    """Whether this program is the last of its channel block to finish its partials (an integer ticket: the
+    partials it then reads were all stored before the other programs took theirs). The last program sets
+    the ticket back to 0 for the next launch on this stream."""
+    tl.debug_barrier()  # every thread of this program has stored its partials
+    ticket = counters_ptr + 1 + tl.program_id(0)
+    last = tl.atomic_add(ticket, 1, sem="acq_rel") == num_splits - 1
+    if last:
+        tl.atomic_xchg(ticket, 0, sem="relaxed")
+    return last
+
+
+@triton.jit
+def grid_barrier(counters_ptr):
+    """Wait until every program of the launch arrives (the persistent variant; its launch is cooperative, so
+    all programs are resident). The first program adds 2**31 - (programs - 1), the others 1 each: the top
+    bit of the counter flips exactly when the last arrives, from whatever value earlier launches left."""
+    tl.debug_barrier()
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    is_first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+    arrive = tl.where(is_first, 2147483649 - programs, 1).to(tl.int32)
+    before = tl.atomic_add(counters_ptr, arrive, sem="release")
+    flipped = False
+    while not flipped:
+        now = tl.atomic_add(counters_ptr, 0, sem="acquire")
+        flipped = (before ^ now) < 0
+    tl.debug_barrier()

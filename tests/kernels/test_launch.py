@@ -100,18 +100,14 @@ def test_misaligned_pointers_and_launch_hooks_take_the_ordinary_launch(streams, 
 
 
 def test_the_kernels_of_this_machine_launch(device):
-    """The real kernels through the same launcher: interpreted here (ordinary path) or compiled on CUDA."""
-    from tritonbn.kernels.forward import moments_partial_kernel
-    from tritonbn.kernels.plan import Tiling, compute_dtype, device_index
+    """The real kernels through a plan's launchers, twice: interpreted here (ordinary path), compiled on CUDA
+    (the second call takes the direct path)."""
+    from tritonbn.activations import KERNEL_IDS
+    from tritonbn.kernels import ForwardPlan
 
     x = torch.randn(6, 3, 4, device=device)
-    tiling = Tiling(24, 3, False, x.device)
-    launcher = Launcher(moments_partial_kernel, tiling.grid, tiling.num_warps, 2, device_index(x.device))
+    plan = ForwardPlan(x, None, None, None, None, True, KERNEL_IDS["identity"])
     for _ in range(2):
-        workspace = torch.empty(2 + 2 * tiling.num_splits, 3, device=device)  # statistics, then the partials
-        launcher(x, workspace, 24, 3, 4, *x.stride(), tiling.rows_per_split, tiling.block_r, tiling.block_c,
-                 tiling.rows_i64, compute_dtype(x.dtype))
-        counts = torch.full((tiling.num_splits, 1), float(tiling.rows_per_split), device=device)
-        counts[-1] = tiling.last_split_rows
-        mean = (counts * workspace[2 : 2 + tiling.num_splits]).sum(0) / 24
-        torch.testing.assert_close(mean, x.mean((0, 2)))
+        y, workspace = plan(x, None, None, None, None, None, 0.1, 1e-5, 0.01)
+        torch.testing.assert_close(workspace[:3], x.mean((0, 2)))
+        torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))

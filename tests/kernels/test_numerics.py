@@ -156,16 +156,18 @@ def test_nan_stays_in_its_channel(device, training):
         assert y[1, 1, 2, 3].isnan() and y.isnan().sum() == 1, "eval output is NaN at the NaN only"
 
 
-def test_rows_past_int32_switch_the_kernels_to_int64_indices():
-    from tritonbn.kernels.plan import Tiling
+def test_offsets_past_int32_switch_the_kernels_to_int64_indices():
+    from tritonbn.kernels.plan import needs_int64
 
-    assert Tiling(2**31 + 8, 1, False, torch.device("cpu")).rows_i64
-    assert not Tiling(2**20, 64, False, torch.device("cpu")).rows_i64
+    assert needs_int64((2**31 + 8, 1), [(1, 1, 1)])  # rows past int32
+    assert needs_int64((2, 4, 2**30), [(4 * 2**30, 2**30, 1)])  # offsets past int32
+    assert needs_int64((3, 2, 5), [(10, 5, 1), (1, 3, 2**29)])  # any tensor's
+    assert not needs_int64((64, 256, 56 * 56), [(256 * 56 * 56, 1, 256)])
 
 
-def test_int64_row_indices_give_the_same_results(device, monkeypatch):
+def test_int64_indices_give_the_same_results(device, monkeypatch):
     from tritonbn import plans
-    from tritonbn.kernels import forward, plan
+    from tritonbn.kernels import backward, forward
 
     x = torch.randn(3, 4, 9, 11, dtype=torch.float64, device=device, requires_grad=True)
     residual = torch.randn_like(x, requires_grad=True)
@@ -176,13 +178,8 @@ def test_int64_row_indices_give_the_same_results(device, monkeypatch):
         return (out, *torch.autograd.grad(out, (x, weight, residual), torch.ones_like(out)))
 
     expected = run()
-
-    def tiling_with_int64_rows(*args):
-        tiling = plan.Tiling(*args)
-        tiling.rows_i64 = True
-        return tiling
-
-    monkeypatch.setattr(forward, "Tiling", tiling_with_int64_rows)
-    monkeypatch.setattr(plans, "_PLANS", {})  # plan anew, with the patched tiling
+    for module in (forward, backward):
+        monkeypatch.setattr(module, "needs_int64", lambda *args: True)
+    monkeypatch.setattr(plans, "_PLANS", {})  # plan anew, with int64 offsets
     for got, want in zip(run(), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
