@@ -12,7 +12,6 @@ Kernels know nothing about autograd or modules: ``tritonbn.functional`` builds o
 
 import triton.language.standard as _triton_library
 
-from .backward import backward_plan
 from .forward import ForwardPlan, forward_kernel
 from .plan import output_layout
 
@@ -21,4 +20,4 @@ from .plan import output_layout
 # compiled library fail, so they count as interpreted only when both are.
 INTERPRETED = all(type(fn).__name__ == "InterpretedFunction" for fn in (forward_kernel, _triton_library.sum))
 
-__all__ = ["INTERPRETED", "ForwardPlan", "backward_plan", "output_layout"]
+__all__ = ["INTERPRETED", "ForwardPlan", "output_layout"]

@@ -20,12 +20,12 @@ import triton.language as tl
 
 from .activations import IDENTITY, activation_backward
 from .configs import choose
-from .launch import Launcher, stream_of
+from .launch import Launcher, current_stream, direct_stream
 from .plan import (
     LAYOUT_NAMES,
     Tiling,
     counters,
-    device_index,
+    dense,
     kernel_strides,
     layout_family,
     ncs_strides,
@@ -244,7 +244,7 @@ class BackwardPlan:
     """A backward call's layouts, buffers and launches, made once per forward plan, gradient layout and set
     of gradients wanted: (input, weight, bias, residual)."""
 
-    def __init__(self, forward, dy, weight, bias, residual, needs, config=None):
+    def __init__(self, forward, dy, weight, bias, residual, needs, config=None, cooperative=True):
         need_input, need_weight, need_bias, need_residual = needs
         shape, N, C, S = forward.shape, forward.N, forward.C, forward.S
         identity = forward.activation_id == IDENTITY.value
@@ -272,12 +272,11 @@ class BackwardPlan:
         self.bias_dtype = None if bias is None else bias.dtype
         self.workspace_numel = 2 * C + 2 * tiling.num_splits * C  # totals, then the partials
         self.stats_dtype = forward.stats_dtype
-        self.index = index = device_index(dy.device)
         # The sums pass runs where the weight or bias gradient, or a training input gradient, needs the sums.
         sums = need_weight or need_bias or (forward.training and need_input)
         variant = self.config.variant if sums else "apply"
-        if variant == "persistent" and index is None:
-            variant = "merge"  # the interpreter runs programs one by one: the barrier's two halves as two launches
+        if variant == "persistent" and (tiling.multiprocessors is None or not cooperative):
+            variant = "merge"  # the barrier's two halves as two launches (see ForwardPlan)
         flags = (weight is not None, bias is not None, has_residual)
         grads = (need_dz, need_input, need_weight, need_bias)
         phases = {
@@ -287,7 +286,7 @@ class BackwardPlan:
             "merge": [(PARTIALS, GIVEN, (need_dz, False, False)), (APPLY, MERGE, (False, need_dz, need_input))],
             "persistent": [(PERSISTENT, GIVEN, (need_dz, False, need_input))],
         }[variant]
-        self.uses_counters = variant in ("ticket", "persistent")
+        self.counter_slots = tiling.channel_blocks + 1 if variant in ("ticket", "persistent") else 0
         self.uses_sums = variant != "apply"
         tail = (forward.count, *tiling.sizes(N, C, S), tiling.num_splits, *strides[0], *strides[1], *strides[2],
                 *strides[3], *strides[3])
@@ -298,12 +297,14 @@ class BackwardPlan:
             # An input pass without rows to write (the merge variant's weight and bias totals): one split.
             rows_pass = phase != APPLY or store_dz or store_dx
             grid = tiling.grid if rows_pass else (tiling.channel_blocks, 1)
-            launcher = Launcher(backward_kernel, grid, tiling.num_warps, 14, index, cooperative=phase == PERSISTENT)
+            launcher = Launcher(backward_kernel, grid, tiling.num_warps, cooperative=phase == PERSISTENT)
             self.launches.append((launcher, (*tail, phase.value, stats, sums_from.value, forward.training, *flags,
                                              store_dz, load_dz, store_dx, *grads[2:], forward.activation_id, *tile)))
 
-    def __call__(self, dy, x, stats, weight, bias, residual, running_mean, running_var, eps, negative_slope):
-        """(grad input, grad weight, grad bias, grad residual), None for those not wanted."""
+    def __call__(self, dy, x, stats, weight, bias, residual, running_mean, running_var, eps, negative_slope,
+                 launch=None):
+        """(grad input, grad weight, grad bias, grad residual), None for those not wanted; ``launch`` as for
+        ForwardPlan."""
         if self.copy_dy:
             dy = dy.contiguous()
         if self.forward.copy_input:
@@ -312,41 +313,34 @@ class BackwardPlan:
             residual = residual.contiguous()
         if self.copy_params:
             weight, bias, running_mean, running_var = map(dense, (weight, bias, running_mean, running_var))
-        device = dy.device
-        shape = self.forward.shape
+        forward = self.forward
+        device, shape = forward.device, forward.shape
         dx = torch.empty_strided(shape, self.dx_stride, dtype=x.dtype, device=device) if self.need_input else None
         dz = torch.empty_strided(shape, self.dx_stride, dtype=self.dz_dtype, device=device) if self.need_dz else None
-        dweight = torch.empty(self.forward.C, dtype=self.weight_dtype, device=device) if self.need_weight else None
-        dbias = torch.empty(self.forward.C, dtype=self.bias_dtype, device=device) if self.need_bias else None
+        dweight = torch.empty(forward.C, dtype=self.weight_dtype, device=device) if self.need_weight else None
+        dbias = torch.empty(forward.C, dtype=self.bias_dtype, device=device) if self.need_bias else None
         dresidual = dy if self.dresidual_is_dy else dz
-        if self.forward.empty:
+        if forward.empty:
             for grad in (dweight, dbias):
                 if grad is not None:
                     grad.zero_()
             return dx, dweight, dbias, dresidual
         sums = torch.empty(self.workspace_numel, dtype=self.stats_dtype, device=device) if self.uses_sums else x
-        count = counters(device, self.index, stream_of(self.index), self.tiling.channel_blocks + 1) \
-            if self.uses_counters else x
+        if launch is None:
+            stream = current_stream(forward.index)
+            direct = direct_stream(stream, (dy, x, residual, weight, bias, running_mean, running_var))
+            count = counters(device, stream, self.counter_slots) if self.counter_slots else x
+        else:
+            count = torch.zeros(self.counter_slots, dtype=torch.int32, device=device) if self.counter_slots else x
         tensors = (dy, x, x if residual is None else residual, x if stats is None else stats,
                    x if weight is None else weight, x if bias is None else bias,
                    x if running_mean is None else running_mean, x if running_var is None else running_var, sums,
                    count, x if dz is None else dz, x if dx is None else dx,
                    x if dweight is None else dweight, x if dbias is None else dbias)
         floats = (*split_float(eps), *split_float(negative_slope))
-        for launch, tail in self.launches:
-            launch(*tensors, *floats, *tail)
+        for launcher, tail in self.launches:
+            if launch is None:
+                launcher(direct, *tensors, *floats, *tail)
+            else:
+                launch(launcher, (*tensors, *floats, *tail))
         return dx, dweight, dbias, dresidual
-
-
-def backward_plan(forward, dy, weight, bias, residual, needs) -> BackwardPlan:
-    """The cached plan for the backward of a call planned by ``forward``."""
-    key = (dy.stride(), dy.dtype, needs)
-    plan = forward.backward_plans.get(key)
-    if plan is None:
-        plan = forward.backward_plans[key] = BackwardPlan(forward, dy, weight, bias, residual, needs)
-    return plan
-
-
-def dense(t):
-    """``t`` (or None) as a dense tensor: the kernels index per-channel vectors with stride 1."""
-    return None if t is None else t.contiguous()

@@ -19,6 +19,8 @@ Variants (see forward.py and backward.py for the kernels):
   Only for tensors small enough that one tile per program covers them with the GPU's resident programs.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -114,18 +116,35 @@ def heuristic(direction: str, dtype: torch.dtype, layout: str, N: int, C: int, S
     return KernelConfig("ticket", block_r, block_c, 1, warps)
 
 
+_OVERRIDE = contextvars.ContextVar("tritonbn_config_override", default=None)
+
+
+@contextlib.contextmanager
+def override(config: KernelConfig):
+    """Plan every call made inside the block with ``config`` (``tritonbn-perf tune`` and the tests). Plans
+    are cached per specialization: plan anew inside the block (tritonbn.plans.clear())."""
+    token = _OVERRIDE.set(config)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
 def choose(direction: str, dtype: torch.dtype, layout: str, N: int, C: int, S: int,
            device: torch.device) -> KernelConfig:
-    on_gpu = device.type == "cuda"
+    forced = _OVERRIDE.get()
+    if forced is not None:
+        return forced
     config = table_entry(gpu_name(device), direction, dtype, layout, C, N * S)
-    return config or heuristic(direction, dtype, layout, N, C, S, on_gpu)
+    return config or heuristic(direction, dtype, layout, N, C, S, device.type == "cuda")
 
 
 def candidates(direction: str, dtype: torch.dtype, layout: str, N: int, C: int, S: int,
-               on_gpu: bool) -> list[KernelConfig]:
-    """The configurations ``tritonbn-perf tune`` compares for one case: the heuristic's, tile and warp
-    variations of it, the ``merge`` variant, the previous release's kernels, and ``persistent`` where one
-    tile per program can cover the tensor."""
+               multiprocessors: int | None) -> list[KernelConfig]:
+    """The configurations ``tritonbn-perf tune`` compares for one case on a GPU with ``multiprocessors`` SMs
+    (None: the interpreter's small tiles): the heuristic's, tile and warp variations of it, the ``merge``
+    variant, the previous release's kernels, and ``persistent`` where one tile per program covers the tensor."""
+    on_gpu = multiprocessors is not None
     base = heuristic(direction, dtype, layout, N, C, S, on_gpu)
     found = [base]
 
@@ -147,39 +166,43 @@ def candidates(direction: str, dtype: torch.dtype, layout: str, N: int, C: int, 
     add(programs_per_sm=4)
     if direction != "eval":
         add(variant="merge")
-        add(variant="merge", **previous_release(dtype, layout, C, on_gpu))
-        persistent = persistent_config(base, N, C, S)
+        add(variant="merge", **previous_release(layout, C, on_gpu))
+        persistent = persistent_config(base, N, C, S, multiprocessors or 12)
         if persistent is not None:
             found.append(persistent)
     return found
 
 
-def previous_release(dtype: torch.dtype, layout: str, C: int, on_gpu: bool) -> dict:
+def previous_release(layout: str, C: int, on_gpu: bool) -> dict:
     """The previous release's tiling (4096-element tiles of 16 to 64 channels, (n, c, s) strides)."""
-    if layout == "planes":
-        return {"addressing": "strided", "block_c": 1, "block_s": 1, "block_r": 4096 if on_gpu else 256}
-    block_c = min(next_power_of_2(C), 64 if on_gpu else 16)
     tile = 4096 if on_gpu else 256
+    if layout == "planes":
+        return {"addressing": "strided", "block_c": 1, "block_s": 1, "block_r": tile}
+    block_c = min(next_power_of_2(C), 64 if on_gpu else 16)
     return {"addressing": "strided", "block_c": block_c, "block_s": 1, "block_r": max(1, tile // block_c),
             "num_warps": 4}
 
 
-# Programs that stay resident at once per multiprocessor in the persistent variant: each holds one tile.
+# Programs resident at once per multiprocessor that the persistent variant assumes (its launch is cooperative:
+# it fails rather than hangs if they are not), and the elements a program holds across the barrier (backward
+# holds two such tiles, dz and x - mean, in float32).
 PERSISTENT_PROGRAMS_PER_SM = 2
-PERSISTENT_MAX_TILE = 8192  # elements a program holds across the barrier (with dy and x: two such tiles)
+PERSISTENT_MAX_TILE = 8192
+PERSISTENT_MIN_ROWS = 16
 
 
-def persistent_config(base: KernelConfig, N: int, C: int, S: int, multiprocessors: int = 132):
+def persistent_config(base: KernelConfig, N: int, C: int, S: int, multiprocessors: int):
     """A persistent configuration covering the tensor with one tile per program, or None if it is too big."""
     programs = PERSISTENT_PROGRAMS_PER_SM * multiprocessors
     channel_blocks = math.ceil(C / base.block_c)
-    if base.block_s > 1:  # planes: tiles of whole samples' spatial runs
-        samples = math.ceil(N / max(1, (programs // channel_blocks)))
-        block_r = base.block_s * next_power_of_2(samples)
-    else:
-        rows = math.ceil(N * S / max(1, programs // channel_blocks))
-        block_r = next_power_of_2(rows)
-    if channel_blocks > programs or block_r * base.block_c > PERSISTENT_MAX_TILE:
+    if channel_blocks > programs:
+        return None
+    per_program = programs // channel_blocks
+    if base.block_s > 1:  # planes: a tile is whole runs of block_s positions of some samples
+        block_r = base.block_s * next_power_of_2(math.ceil(N * math.ceil(S / base.block_s) / per_program))
+    else:  # at least 16 rows: thinner tiles leave most of a program idle
+        block_r = max(PERSISTENT_MIN_ROWS, next_power_of_2(math.ceil(N * S / per_program)))
+    if block_r * base.block_c > PERSISTENT_MAX_TILE:
         return None
     return dataclasses.replace(base, variant="persistent", block_r=block_r, programs_per_sm=PERSISTENT_PROGRAMS_PER_SM,
                                num_warps=8 if block_r * base.block_c > 2048 else 4)

@@ -21,14 +21,16 @@ import triton
 import triton.language as tl
 
 from ..reference import output_dtype
-from .activations import activation_forward
+from .activations import IDENTITY, activation_forward
+from .backward import BackwardPlan
 from .configs import choose
-from .launch import Launcher, stream_of
+from .launch import Launcher, current_stream, direct_stream
 from .plan import (
     LAYOUT_NAMES,
     Tiling,
     compute_dtype,
     counters,
+    dense,
     device_index,
     kernel_strides,
     layout_family,
@@ -148,7 +150,8 @@ def _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, 
             running_mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
             running_var = tl.load(running_var_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
             running_mean += momentum * (mean - running_mean)
-            running_var += momentum * (m2 / (count - 1.0) - running_var)
+            # Unbiased, as PyTorch; channels past C (count 1 there) divide by 1, not 0.
+            running_var += momentum * (m2 / tl.where(col_mask, count - 1.0, 1.0) - running_var)
             tl.store(running_mean_ptr + cols, running_mean.to(running_mean_ptr.dtype.element_ty), mask=col_mask)
             tl.store(running_var_ptr + cols, running_var.to(running_var_ptr.dtype.element_ty), mask=col_mask)
     return mean, rstd
@@ -259,7 +262,7 @@ class ForwardPlan:
     dictionary look-up. ``config`` overrides the tuning table's choice (``tritonbn-perf tune``, the tests).
     """
 
-    def __init__(self, x, weight, bias, residual, running_mean, training, activation_id, config=None):
+    def __init__(self, x, weight, bias, residual, running_mean, training, activation_id, config=None, cooperative=True):
         shape, stride = tuple(x.shape), x.stride()
         self.out_dtype = output_dtype(x, residual)
         self.out_stride, self.copy_input = output_layout(shape, stride)
@@ -278,6 +281,8 @@ class ForwardPlan:
         # The kernels index per-channel tensors as dense vectors; a strided one (a view) is copied per call.
         self.copy_params = any(t is not None and t.stride() != (1,) for t in (weight, bias))
         self.activation_id = activation_id
+        self.needs_residual = residual is not None and activation_id != IDENTITY.value  # to rebuild z in backward
+        self.cooperative = cooperative
         self.backward_plans = {}
         all_ncs = [self.x_ncs, ncs_strides(shape, self.out_stride)]
         if residual is not None:
@@ -287,53 +292,71 @@ class ForwardPlan:
                                        self.S, x.device)
         self.tiling = tiling = Tiling(self.config, family, self.N, self.C, self.S, x.device)
         strides = [kernel_strides(tiling.layout, self.S, ncs) for ncs in all_ncs] + [(0, 0, 0)]
-        self.index = index = device_index(x.device)
+        self.device = x.device
+        self.index = device_index(x.device)
         self.workspace_numel = 2 * self.C + 3 * tiling.num_splits * self.C  # mean and rstd, then the partials
         flags = (self.update_running, weight is not None, bias is not None, residual is not None, activation_id)
         tail = (*tiling.sizes(self.N, self.C, self.S), tiling.num_splits, *strides[0], *strides[1], *strides[2])
         tile = tiling.constexprs(needs_int64(shape, all_ncs), self.compute)
         variant = self.config.variant if training else "eval"
-        if variant == "persistent" and index is None:
-            variant = "merge"  # the interpreter runs programs one by one: the barrier's two halves as two launches
+        if variant == "persistent" and (tiling.multiprocessors is None or not cooperative):
+            # The interpreter runs programs one by one, and a launch that may not be cooperative may not wait
+            # at a grid barrier: the barrier's two halves as two launches.
+            variant = "merge"
         phases = {"eval": [(APPLY, RUNNING)], "ticket": [(TICKET, GIVEN), (APPLY, GIVEN)],
                   "merge": [(PARTIALS, GIVEN), (APPLY, MERGE)], "persistent": [(PERSISTENT, GIVEN)]}[variant]
-        self.uses_counters = variant in ("ticket", "persistent")
+        self.counter_slots = tiling.channel_blocks + 1 if variant in ("ticket", "persistent") else 0
         self.launches = [
-            (Launcher(forward_kernel, tiling.grid, tiling.num_warps, 9, index, cooperative=phase == PERSISTENT),
+            (Launcher(forward_kernel, tiling.grid, tiling.num_warps, cooperative=phase == PERSISTENT),
              (*tail, phase.value, stats.value, *flags, *tile))
             for phase, stats in phases]
 
-    def __call__(self, x, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope):
-        """(y, the workspace that begins with the batch's mean and rstd; None in eval)."""
+    def __call__(self, x, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope,
+                 launch=None):
+        """(y, the workspace that begins with the batch's mean and rstd; None in eval).
+
+        ``launch(launcher, arguments)``, where given, launches instead of the launchers (torch.compile's triton
+        ops: see tritonbn/triton_ops.py); the ticket counters are then this call's own, zeroed."""
         if self.copy_input:
             x = x.contiguous()
         if self.copy_residual:
             residual = residual.contiguous()
         if self.copy_params:
             weight, bias = dense(weight), dense(bias)
-        y = torch.empty_strided(self.shape, self.out_stride, dtype=self.out_dtype, device=x.device)
-        workspace = None
-        if self.training:
-            workspace = torch.empty(self.workspace_numel, dtype=self.stats_dtype, device=x.device)
+        device = self.device
+        y = torch.empty_strided(self.shape, self.out_stride, dtype=self.out_dtype, device=device)
+        workspace = torch.empty(self.workspace_numel, dtype=self.stats_dtype, device=device) if self.training else None
         if self.empty:
             return y, workspace
         if not self.dense_running:  # the kernel updates dense copies of strided running statistics
             targets = running_mean, running_var
             running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
-        count = counters(x.device, self.index, stream_of(self.index), self.tiling.channel_blocks + 1) \
-            if self.uses_counters else x
+        if launch is None:
+            stream = current_stream(self.index)
+            direct = direct_stream(stream, (x, residual, weight, bias, running_mean, running_var))
+            count = counters(device, stream, self.counter_slots) if self.counter_slots else x
+        else:
+            count = torch.zeros(self.counter_slots, dtype=torch.int32, device=device) if self.counter_slots else x
         tensors = (x, y, x if residual is None else residual, x if workspace is None else workspace, count,
                    x if weight is None else weight, x if bias is None else bias,
                    x if running_mean is None else running_mean, x if running_var is None else running_var)
         floats = (*split_float(eps), *split_float(momentum), *split_float(negative_slope))
-        for launch, tail in self.launches:
-            launch(*tensors, *floats, *tail)
+        for launcher, tail in self.launches:
+            if launch is None:
+                launcher(direct, *tensors, *floats, *tail)
+            else:
+                launch(launcher, (*tensors, *floats, *tail))
         if not self.dense_running and self.update_running:
             for target, updated in zip(targets, (running_mean, running_var)):
                 target.copy_(updated)
         return y, workspace
 
-
-def dense(t):
-    """``t`` (or None) as a dense tensor: the kernels index per-channel vectors with stride 1."""
-    return None if t is None else t.contiguous()
+    def backward_plan(self, dy, weight, bias, residual, needs):
+        """The backward plan for gradient ``dy`` and the gradients ``needs`` says are wanted (input, weight, bias,
+        residual, then any others), made on first use."""
+        key = (dy.stride(), dy.dtype, needs)
+        plan = self.backward_plans.get(key)
+        if plan is None:
+            plan = self.backward_plans[key] = BackwardPlan(self, dy, weight, bias, residual, tuple(needs[:4]),
+                                                           cooperative=self.cooperative)
+        return plan

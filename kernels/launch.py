@@ -10,9 +10,10 @@ measured here).
 
 The direct path relies on internals shared by triton 3.x releases (``CompiledKernel.run``, ``.function``,
 ``.packed_metadata``; launcher arguments ``grid, stream, function, metadata, launch_metadata, enter_hook,
-exit_hook, *all kernel arguments``). Where they are missing (the interpreter, another Triton) or a call
-differs from the compiled specialization (a pointer not 16-byte aligned, which Triton specialises on) or
-launch hooks are set (profilers), the call takes the ordinary launch instead.
+exit_hook, *all kernel arguments``). Where they are missing (the interpreter, another Triton), or a call's
+pointers differ from the compiled specialization (one not 16-byte aligned: Triton specialises on that), or
+launch hooks are set (profilers), the call takes the ordinary launch instead: the plan decides that once per
+call for all its launches (``direct_stream``).
 """
 
 import torch
@@ -29,16 +30,6 @@ def direct_launch_parts(compiled):
         return None
 
 
-def current_stream_getter():
-    """Triton's ``get_current_stream(device_index)``, or None where no GPU driver is active."""
-    try:
-        from triton.runtime import driver
-
-        return driver.active.get_current_stream
-    except Exception:  # no driver, no GPU, or a Triton without this layout: launch the ordinary way
-        return None
-
-
 def _hook_active(hook) -> bool:
     # triton 3.4+ keeps hooks in a HookChain that is never None, only empty; older ones use None.
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -51,53 +42,52 @@ def _launch_hooks_set() -> bool:
     return _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook)
 
 
-class Launcher:
-    """``kernel`` launched on ``grid`` with ``num_warps``; called with all kernel arguments in order.
+def direct_stream(stream, tensors):
+    """``stream`` if this call's launches may go straight to the compiled kernels, else None: the caller's own
+    tensors (the plan's buffers are the allocator's, always aligned) are 16-byte aligned and no launch hook
+    is set. Tensors may be None."""
+    if stream is None or _launch_hooks_set():
+        return None
+    for t in tensors:
+        if t is not None and t.data_ptr() % _ALIGNMENT:
+            return None
+    return stream
 
-    The first ``num_tensors`` arguments are tensors; the rest (scalars and constexprs) must be those the plan
-    fixed, except float scalars, which Triton does not specialise on.
+
+class Launcher:
+    """``kernel`` launched on ``grid`` with ``num_warps``; called as ``launcher(stream, *kernel arguments)``.
+
+    ``stream`` is the raw CUDA stream to launch directly on (see ``direct_stream``), or None for Triton's
+    ordinary launch. Arguments other than tensors and float scalars must be those the plan fixed.
     """
 
-    __slots__ = ("kernel", "grid", "num_warps", "num_tensors", "cooperative", "_direct", "_get_stream", "_device")
+    __slots__ = ("kernel", "grid", "options", "_launch", "_direct")
 
-    def __init__(self, kernel, grid, num_warps, num_tensors, device_index, cooperative=False):
+    def __init__(self, kernel, grid, num_warps, cooperative=False):
         self.kernel = kernel
         self.grid = (grid + (1, 1))[:3]
-        self.num_warps = num_warps
-        self.num_tensors = num_tensors
-        self.cooperative = cooperative  # every program resident at once (a grid-wide barrier waits for all)
-        self._direct = None  # (run, function, packed_metadata) once the kernel is compiled
-        self._get_stream = None
-        self._device = device_index
+        # cooperative: every program resident at once (a grid-wide barrier waits for all of them)
+        self.options = {"num_warps": num_warps, **({"launch_cooperative_grid": True} if cooperative else {})}
+        self._launch = kernel[self.grid]  # Triton's launch for this grid, made once
+        self._direct = None  # (run, function, packed_metadata) once compiled and launched directly
 
-    def __call__(self, *args):
+    def __call__(self, stream, *args):
         direct = self._direct
-        if direct is not None and self._aligned(args) and not _launch_hooks_set():
+        if direct is not None and stream is not None:
             run, function, metadata = direct
             g0, g1, g2 = self.grid
-            run(g0, g1, g2, self._get_stream(self._device), function, metadata, None, None, None, *args)
+            run(g0, g1, g2, stream, function, metadata, None, None, None, *args)
             return
-        options = {"launch_cooperative_grid": True} if self.cooperative else {}
-        compiled = self.kernel[self.grid](*args, num_warps=self.num_warps, **options)
-        if direct is None and compiled is not None and self._device is not None and self._aligned(args):
-            self._enable_direct(compiled)
-
-    def _aligned(self, args) -> bool:
-        return all(t.data_ptr() % _ALIGNMENT == 0 for t in args[: self.num_tensors])
-
-    def _enable_direct(self, compiled):
-        parts = direct_launch_parts(compiled)
-        get_stream = current_stream_getter()
-        if parts is not None and get_stream is not None:
-            self._get_stream = get_stream
-            self._direct = parts
+        compiled = self._launch(*args, **self.options)
+        if direct is None and stream is not None and compiled is not None:
+            self._direct = direct_launch_parts(compiled)
 
 
-def stream_of(device_index):
-    """The raw handle of device ``device_index``'s current CUDA stream, or None off CUDA."""
-    if device_index is None:
-        return None
+def _raw_stream(index: int) -> int:
     get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's own launcher calls
-    if get_raw is not None:
-        return get_raw(device_index)
-    return torch.cuda.current_stream(device_index).cuda_stream
+    return get_raw(index) if get_raw is not None else torch.cuda.current_stream(index).cuda_stream
+
+
+def current_stream(device_index):
+    """The raw handle of device ``device_index``'s current CUDA stream, or None off CUDA."""
+    return None if device_index is None else _raw_stream(device_index)

@@ -23,17 +23,24 @@ LAYOUT_NAMES = {ROWS: "rows", PLANES: "planes", STRIDED: "strided"}
 _CPU_PROGRAMS = 24  # programs of a looped launch under the interpreter (small, so tests cross splits)
 _MERGE_TILE = {"cuda": 2048, "cpu": 32}  # partials merged per step, [SPLIT_BLOCK, BLOCK_C]
 _INT32_LIMIT = 2**31 - 1
-# Ticket counters per (device, stream): slot 0 is the persistent variant's grid barrier, slot 1 + b the
-# ticket of channel block b. Every kernel leaves them as it found them (tickets back at 0, the barrier's
-# top bit flipped an even number of times... or odd: the barrier works from either), so one zeroed buffer
-# serves every launch on its stream.
+# Counters per (device, stream): slot 0 is the persistent variant's grid barrier, slot 1 + b the ticket of
+# channel block b. Every launch leaves them fit for the next (tickets back at 0; the barrier's count at 0 or
+# 2**31, which it works from alike), so one buffer, zeroed once, serves every launch on its stream.
 _COUNTERS: dict = {}
 _COUNTER_SLOTS = 4096
 
 
 @functools.cache
-def multiprocessor_count(index: int) -> int:
+def _multiprocessor_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int | None:
+    """The multiprocessors of the GPU a call on ``device`` runs on; None where the kernels are interpreted.
+    (`tritonbn-perf compile-check` replaces this to plan for a GPU it does not have.)"""
+    if device.type != "cuda":
+        return None
+    return _multiprocessor_count(device_index(device))
 
 
 def device_index(device: torch.device):
@@ -125,21 +132,21 @@ class Tiling:
             self.s_tiles = 1
             self.num_tiles = cdiv(max(N * S, 1), self.block_r)
         self.channel_blocks = cdiv(max(C, 1), self.block_c)
-        index = device_index(device)
-        kind = "cpu" if index is None else "cuda"
+        self.multiprocessors = sms = multiprocessors(device)
         if config.variant == "persistent":
             self.tiles_per_split = 1
-            if index is not None:
-                resident = int(config.programs_per_sm * multiprocessor_count(index))
+            if sms is not None:
+                resident = int(config.programs_per_sm * sms)
                 if self.channel_blocks * self.num_tiles > resident:
                     raise ValueError(f"persistent configuration {config} needs {self.channel_blocks * self.num_tiles} "
                                      f"resident programs for this shape; at most {resident} are assumed resident")
         else:
-            programs = _CPU_PROGRAMS if index is None else int(config.programs_per_sm * multiprocessor_count(index))
+            programs = _CPU_PROGRAMS if sms is None else int(config.programs_per_sm * sms)
             splits = max(1, min(self.num_tiles, cdiv(programs, self.channel_blocks)))
             self.tiles_per_split = cdiv(self.num_tiles, splits)
         self.num_splits = cdiv(self.num_tiles, self.tiles_per_split)
-        self.split_block = min(next_power_of_2(self.num_splits), max(1, _MERGE_TILE[kind] // self.block_c))
+        merge_tile = _MERGE_TILE["cpu" if sms is None else "cuda"]
+        self.split_block = min(next_power_of_2(self.num_splits), max(1, merge_tile // self.block_c))
         self.grid = (self.channel_blocks, self.num_splits)
         self.num_warps = config.num_warps
 
@@ -153,21 +160,28 @@ class Tiling:
         return self.layout, self.split_block, self.block_r, self.block_c, self.block_s, index_i64, compute
 
 
-def counters(device: torch.device, index, stream, slots: int) -> torch.Tensor:
-    """The zeroed int32 counters of this device and stream, at least ``slots`` of them.
+def counters(device: torch.device, stream, slots: int) -> torch.Tensor:
+    """The zeroed int32 counters of ``device`` and ``stream`` (a raw CUDA stream, None off CUDA), at least
+    ``slots`` of them.
 
     A buffer is zeroed once, when first needed on a stream, and each launch leaves it as it found it. Inside a
     CUDA-graph capture a new buffer's zeroing would be recorded but not run, so there a call that finds no
-    buffer gets a fresh one of its own, zeroed by the graph itself each replay.
+    buffer gets a fresh one of its own, which the graph zeroes each replay.
     """
-    key = (index, stream)
-    buffer = _COUNTERS.get(key)
-    if buffer is None or buffer.numel() < slots:
-        buffer = torch.zeros(max(slots, _COUNTER_SLOTS), dtype=torch.int32, device=device)
-        if index is not None and torch.cuda.is_current_stream_capturing():
-            return buffer
-        _COUNTERS[key] = buffer
+    key = (device, stream)
+    found = _COUNTERS.get(key)
+    if found is not None and found[1] >= slots:
+        return found[0]
+    size = max(slots, _COUNTER_SLOTS)
+    buffer = torch.zeros(size, dtype=torch.int32, device=device)
+    if stream is None or not torch.cuda.is_current_stream_capturing():
+        _COUNTERS[key] = buffer, size
     return buffer
+
+
+def dense(t):
+    """``t`` (or None) as a dense tensor: the kernels index per-channel vectors with stride 1."""
+    return None if t is None else t.contiguous()
 
 
 def compute_dtype(dtype: torch.dtype):

@@ -18,7 +18,11 @@ a one-element array to an int, which numpy >= 2.4 refuses); compiled, the two gi
 import triton
 import triton.language as tl
 
-from .plan import PLANES, ROWS
+from . import plan
+
+# The layout families (plan.py) as constexprs, for the jit functions to branch on.
+ROWS = tl.constexpr(plan.ROWS)
+PLANES = tl.constexpr(plan.PLANES)
 
 # Where a kernel's per-channel statistics come from (the STATS constexpr).
 GIVEN = tl.constexpr(0)  # read from a [2, C] buffer of mean and rstd (finalized already, or SyncBN's)
@@ -161,7 +165,8 @@ def grid_barrier(counters_ptr):
     tl.debug_barrier()
     programs = tl.num_programs(0) * tl.num_programs(1)
     is_first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
-    arrive = tl.where(is_first, 2147483649 - programs, 1).to(tl.int32)
+    # 2**31 + 1 - programs, written so that no constant leaves int32 (the sum wraps where it must, in int32).
+    arrive = tl.where(is_first, (2147483647 - programs) + 2, 1).to(tl.int32)
     before = tl.atomic_add(counters_ptr, arrive, sem="release")
     flipped = False
     while not flipped:

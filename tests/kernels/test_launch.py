@@ -1,7 +1,6 @@
 """The launcher: direct launches of a compiled kernel where Triton's internals allow, the ordinary launch
 everywhere else. A fake compiled kernel stands in for CUDA, so both paths are tested on any machine."""
 
-import pytest
 import torch
 
 from tritonbn.kernels import launch
@@ -29,74 +28,67 @@ class FakeKernel:
         self.ordinary = []
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps):
-            self.ordinary.append((grid, args, num_warps))
+        def launch(*args, num_warps, **options):
+            self.ordinary.append((grid, args, num_warps, options))
             return self.compiled
 
         return launch
 
 
-@pytest.fixture
-def streams(monkeypatch):
-    asked = []
-
-    def get_stream(index):
-        asked.append(index)
-        return 1234
-
-    monkeypatch.setattr(launch, "current_stream_getter", lambda: get_stream)
-    return asked
-
-
-def test_first_call_compiles_then_launches_directly(streams):
+def test_first_call_compiles_then_launches_directly():
     compiled = FakeCompiled()
     kernel = FakeKernel(compiled)
-    launcher = Launcher(kernel, (3, 2), 4, 2, device_index=0)
+    launcher = Launcher(kernel, (3, 2), 4)
     a, b = torch.empty(8), torch.empty(4)
-    launcher(a, b, 7, 0.5, "CONSTEXPR")
-    launcher(a, b, 7, 0.25, "CONSTEXPR")
-    assert kernel.ordinary == [((3, 2, 1), (a, b, 7, 0.5, "CONSTEXPR"), 4)]
+    launcher(1234, a, b, 7, 0.5, "CONSTEXPR")
+    launcher(1234, a, b, 7, 0.25, "CONSTEXPR")
+    assert kernel.ordinary == [((3, 2, 1), (a, b, 7, 0.5, "CONSTEXPR"), 4, {})]
     # Triton's own launch after its binder: grid, stream, function, metadata, launch metadata and hooks, then
     # every kernel argument in order, constexprs included.
     assert compiled.launches == [(3, 2, 1, 1234, "cu-function", ("metadata",), None, None, None,
                                   a, b, 7, 0.25, "CONSTEXPR")]
-    assert streams == [0]
 
 
-def test_interpreter_and_unknown_tritons_take_the_ordinary_launch(streams):
+def test_cooperative_launches_ask_triton_for_a_cooperative_grid():
+    kernel = FakeKernel(None)
+    Launcher(kernel, (3, 2), 8, cooperative=True)(None, torch.empty(4))
+    assert kernel.ordinary[0][2:] == (8, {"launch_cooperative_grid": True})
+
+
+def test_interpreter_and_unknown_tritons_take_the_ordinary_launch():
     for compiled in (None, object()):  # the interpreter returns nothing; another Triton lacks the handles
         kernel = FakeKernel(compiled)
-        launcher = Launcher(kernel, (1,), 4, 1, device_index=0)
+        launcher = Launcher(kernel, (1,), 4)
         for _ in range(3):
-            launcher(torch.empty(4), 1.0)
+            launcher(1234, torch.empty(4), 1.0)
         assert len(kernel.ordinary) == 3
 
 
-def test_no_direct_launch_off_cuda_or_without_a_driver(monkeypatch):
+def test_no_stream_means_the_ordinary_launch():
+    """Off CUDA, or where the plan found a reason (below), calls pass no stream: Triton's own launch."""
     compiled = FakeCompiled()
     kernel = FakeKernel(compiled)
-    Launcher(kernel, (1,), 4, 1, device_index=None)(torch.empty(4))  # a CPU tensor: no device index
-    monkeypatch.setattr(launch, "current_stream_getter", lambda: None)
-    launcher = Launcher(kernel, (1,), 4, 1, device_index=0)
-    launcher(torch.empty(4))
-    launcher(torch.empty(4))
-    assert len(kernel.ordinary) == 3 and compiled.launches == []
-
-
-def test_misaligned_pointers_and_launch_hooks_take_the_ordinary_launch(streams, monkeypatch):
-    compiled = FakeCompiled()
-    kernel = FakeKernel(compiled)
-    launcher = Launcher(kernel, (1,), 4, 1, device_index=0)
-    buffer = torch.empty(64)
-    launcher(buffer)
-    launcher(buffer[1:])  # 4 bytes off: Triton compiled another specialization for it
+    launcher = Launcher(kernel, (1,), 4)
+    launcher(None, torch.empty(4))
+    launcher(None, torch.empty(4))
     assert len(kernel.ordinary) == 2 and compiled.launches == []
+    launcher(1234, torch.empty(4))  # compiled once more, then direct
+    launcher(1234, torch.empty(4))
+    launcher(None, torch.empty(4))
+    assert len(kernel.ordinary) == 4 and len(compiled.launches) == 1
+
+
+def test_misaligned_pointers_and_launch_hooks_mean_no_direct_launch(monkeypatch):
+    buffer = torch.empty(64)
+    assert launch.direct_stream(1234, (buffer, None)) == 1234
+    assert launch.direct_stream(1234, (buffer, buffer[1:])) is None  # 4 bytes off: another specialization
+    assert launch.direct_stream(None, (buffer,)) is None  # no CUDA stream: not on a GPU
     monkeypatch.setattr(launch, "_launch_hooks_set", lambda: True)
-    launcher(buffer)
-    assert len(kernel.ordinary) == 3
-    monkeypatch.setattr(launch, "_launch_hooks_set", lambda: False)
-    launcher(buffer)
-    assert len(compiled.launches) == 1
+    assert launch.direct_stream(1234, (buffer,)) is None
+
+
+def test_current_stream_is_none_off_cuda():
+    assert launch.current_stream(None) is None
 
 
 def test_the_kernels_of_this_machine_launch(device):
