@@ -10,6 +10,14 @@ Minimum traffic per mode, in passes over one activation tensor (x.numel() * item
   activation is the identity, whose derivative does not depend on z.
 - fwd_bwd = fwd + bwd.
 
+The floor is the least traffic any kernel can move for a tensor larger than the L2 cache: statistics must be
+complete before any output is written, so x is read twice forward and dy and x twice backward.
+
+- fwd = read x twice + write y = 3 (+1 read with a residual); eval = 2 (+1).
+- bwd = read dy, x twice + write dx = 5; a residual adds the write of its gradient (+1) and, unless the
+  activation is the identity, two reads of it to rebuild z (+2).
+- fwd_bwd = 8 without a residual.
+
 Per-channel parameters, statistics and their gradients are C-sized and left out as negligible.
 Effective bandwidth = minimum bytes / time; it is compared with a device-to-device copy measured in the
 same run (read + write of a large buffer), the practical ceiling for a memory-bound kernel.
@@ -22,6 +30,12 @@ def min_passes(mode: str, residual: bool, activation: str = "relu") -> int:
     fwd = 2 + int(residual)
     bwd = 3 + (2 if residual and activation != "identity" else int(residual))
     return {"fwd": fwd, "eval": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
+
+
+def floor_passes(mode: str, residual: bool, activation: str = "relu") -> int:
+    fwd = 3 + int(residual)
+    bwd = 5 + (3 if residual and activation != "identity" else int(residual))
+    return {"fwd": fwd, "eval": 2 + int(residual), "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
 
 
 def min_bytes(mode: str, numel: int, itemsize: int, residual: bool, activation: str = "relu") -> int:

@@ -1,4 +1,4 @@
-"""`tritonbn-perf`: sweep, report, traffic, step, impact and readme subcommands.
+"""`tritonbn-perf`: sweep, report, traffic, step, impact, readme, tune and compile-check subcommands.
 
 A bad flag or value, an output that cannot be written or an input CSV that cannot be used ends with one
 line on stderr and exit status 2, never a traceback. Outputs are checked before anything is measured, so
@@ -98,6 +98,8 @@ def _add_sweep(sub):
     _add_device(p)
     p.add_argument("--out", required=True, help="results CSV (rows of re-run configurations are replaced)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new configuration after this many seconds; the rows measured are written")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -142,9 +144,37 @@ def _add_readme(sub):
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when the block is out of date")
 
 
+def _add_tune(sub):
+    p = sub.add_parser("tune", help="time every kernel configuration per shape on a GPU and write the tuning table "
+                                    "(on a CPU: check every candidate's correctness under the interpreter)")
+    p.add_argument("--preset", type=_choices(("resnet50", "tiny"), "preset"), default=None,
+                   help="shapes (default: resnet50 on CUDA, tiny on a CPU)")
+    p.add_argument("--batch", type=_positive, default=None, help="batch size for resnet50 (default 64)")
+    p.add_argument("--dtype", type=_choices(tuple(DTYPES), "dtype"), default=["bf16", "fp32"])
+    p.add_argument("--layout", type=_choices(LAYOUTS, "layout"), default=list(LAYOUTS))
+    p.add_argument("--direction", type=_choices(("fwd", "bwd", "eval"), "direction"), default=["fwd", "bwd", "eval"])
+    p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
+    p.add_argument("--compile-workers", type=int, default=0,
+                   help="on a GPU, compile every candidate first in this many processes (0: compile as they run)")
+    _add_device(p)
+    p.add_argument("--out", required=True, help="CSV of every candidate's check and device time")
+    p.add_argument("--table", default=None, help="the tuning table to update on a GPU (default: the package's own, "
+                                                 "tritonbn/kernels/tuning.json)")
+
+
+def _add_compile_check(sub):
+    p = sub.add_parser("compile-check", help="compile every kernel variant for a GPU without one (needs compiled "
+                                             "kernels: run without TRITON_INTERPRET)")
+    p.add_argument("--arch", type=_positive, default=90, help="compute capability, as 90 for sm_90")
+    p.add_argument("--multiprocessors", type=_positive, default=132, help="SMs of the GPU the plans are for")
+    p.add_argument("--dtype", type=_choices(tuple(DTYPES), "dtype"), default=list(DTYPES))
+    p.add_argument("--layout", type=_choices(LAYOUTS, "layout"), default=list(LAYOUTS))
+
+
 def build_parser(command: str | None) -> Parser:
     parser = Parser(prog="tritonbn-perf", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{sweep,report,traffic,step,impact,readme}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{sweep,report,traffic,step,impact,readme,tune,compile-check}")
     _add_sweep(sub)
     _add_report(sub)
     _add_traffic(sub)
@@ -155,6 +185,8 @@ def build_parser(command: str | None) -> Parser:
 
         impact_cli.add_arguments(impact)
     _add_readme(sub)
+    _add_tune(sub)
+    _add_compile_check(sub)
     return parser
 
 
@@ -220,7 +252,8 @@ def _sweep(args):
     backends, skipped = resolve(args.backend)
     for name, reason in skipped.items():
         print(f"skipping backend {name}: {reason}", file=sys.stderr)
-    rows = sweep.run(cfgs, backends, skipped, device, args.out, progress=not args.no_progress, seed=args.seed)
+    rows = sweep.run(cfgs, backends, skipped, device, args.out, progress=not args.no_progress, seed=args.seed,
+                     budget_s=args.budget_s)
     print(f"wrote {args.out} ({len(rows)} rows)")
     return 0
 
@@ -316,8 +349,51 @@ def _readme(args):
     return 0
 
 
+def _tune(args):
+    from . import tune
+    from .results import write_table
+
+    device = _device(args.device)
+    _writable_file(args.out)
+    preset = args.preset[0] if args.preset else ("resnet50" if device.type == "cuda" else "tiny")
+    table = Path(args.table) if args.table else None
+    if device.type == "cuda":
+        from tritonbn.kernels import configs
+
+        table = table or configs.TABLE_PATH
+        _writable_file(table, "--table")
+    cases = tune.cases([preset], args.batch or 64, args.dtype, args.layout, args.direction)
+    rows = tune.run(cases, device, args.budget_s, progress=lambda message: print(message, file=sys.stderr),
+                    compile_workers=args.compile_workers)
+    write_table(rows, args.out)
+    wrong = [r for r in rows if not r["ok"]]
+    print(f"wrote {args.out}: {len(rows)} candidates over {len({tune.case_key(r) for r in rows})} cases, "
+          f"{len(wrong)} not correct")
+    if device.type == "cuda":
+        entries = tune.table_entries(rows)
+        tune.write_table(entries, table)
+        print(f"updated {table}: {len(entries)} entries")
+    return 1 if wrong else 0
+
+
+def _compile_check(args):
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        raise UsageError("compile-check compiles the kernels: run it without TRITON_INTERPRET")
+    from . import compile_check
+    from .sweep import TORCH_DTYPES
+
+    report = compile_check.check(args.arch, args.multiprocessors, tuple(TORCH_DTYPES[d] for d in args.dtype),
+                                 tuple(args.layout), progress=lambda message: print(message, file=sys.stderr))
+    for failure in report["failures"]:
+        print(f"FAILED {failure}")
+    print(f"sm_{args.arch}, {args.multiprocessors} SMs: {report['runs']} plan runs, {report['launches']} launches, "
+          f"{report['kernels']} distinct kernels compiled ({report['with_vector_loads']} with vector loads), "
+          f"{len(report['failures'])} failures, {report['seconds']:.0f} s")
+    return 1 if report["failures"] else 0
+
+
 COMMANDS = {"sweep": _sweep, "report": _report, "traffic": _traffic, "step": _step, "impact": _impact,
-            "readme": _readme}
+            "readme": _readme, "tune": _tune, "compile-check": _compile_check}
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import plots
+from .bandwidth import floor_passes
 from .constants import BASELINES, MODES, TIME_KINDS
 from .results import read_rows
 from .summary import (
@@ -100,6 +101,35 @@ def _slowest_lines(rows, count=10) -> list[str]:
                           "e2e speedup", *(["device speedup"] if split else []), "% copy bw (e2e)"], body)
 
 
+FLOOR_TARGET = 85.0  # % of copy bandwidth over the floor's bytes that the kernels aim at (device time)
+FLOOR_MIN_BYTES = 32 * 2**20  # the target applies to tensors past the L2 cache
+
+
+def _floor_lines(rows) -> list[str]:
+    """Device time against the memory floor (bandwidth.floor_passes at the copy bandwidth), per backend."""
+    picked = [r for r in measured(rows) if r["mode"] in ("fwd_bwd", "eval") and math.isfinite(r["device_pct_floor"])]
+    lines = ["## Against the memory floor (device time)", ""]
+    if not picked:
+        return lines + ["No row with device time and a floor (CSVs from before the floor columns have none)."]
+    lines += [f"Device time of the floor's bytes at the copy bandwidth measured in the same run, over the measured "
+              f"device time, in %: 100 is the floor at copy speed. The floor is 8 passes over the tensor for fwd_bwd "
+              f"and 2 for eval (`tritonbn.perf.bandwidth.floor_passes`); the target, {FLOOR_TARGET:g} %, applies to "
+              f"activation tensors of {FLOOR_MIN_BYTES // 2**20} MB or more (marked *).", ""]
+    backends = [b for b in ("tritonbn", "eager", "compile") if any(r["backend"] == b for r in picked)]
+    groups = {}
+    for r in picked:
+        key = (r["shape"], r["dtype"], r["layout"], r["activation"], r["residual"], r["mode"])
+        groups.setdefault(key, {})[r["backend"]] = r
+    body = []
+    for (shape, dtype, layout, activation, residual, mode), by_backend in groups.items():
+        some = next(iter(by_backend.values()))
+        tensor_bytes = some["floor_bytes"] / floor_passes(mode, residual, activation)
+        big = tensor_bytes >= FLOOR_MIN_BYTES
+        body.append([shape + (" *" if big else ""), dtype, layout, mode,
+                     *(fmt(by_backend[b]["device_pct_floor"], ".3g") if b in by_backend else "" for b in backends)])
+    return lines + table(["shape", "dtype", "layout", "mode", *(f"{b} %" for b in backends)], body)
+
+
 def _problem_lines(rows) -> list[str]:
     """Every row that holds no valid measurement, grouped by backend and reason."""
     reasons = Counter((r["backend"], r["status"]) for r in rows if not r["ok"])
@@ -165,7 +195,7 @@ def make_report(csv_path, out_dir) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     made = _plots(rows, out)
     lines = _header_lines(rows, csv_path) + _summary_lines(rows) + [""] + _bound_lines(rows) + [""]
-    lines += _slowest_lines(rows) + [""] + _problem_lines(rows) + ["", "## Plots", ""]
+    lines += _slowest_lines(rows) + [""] + _floor_lines(rows) + [""] + _problem_lines(rows) + ["", "## Plots", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in made] or ["No plot: nothing measured."]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")

@@ -9,6 +9,7 @@ stats, the gradients) are first checked against a float64 reference of the same 
 import contextlib
 import itertools
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -222,23 +223,29 @@ def describe(cfg: Config, backend: str, device: torch.device, copy_gbps: float) 
         "activation": cfg.activation, "residual": cfg.residual, "mode": cfg.mode, "backend": backend,
         "timing": timing_label(device), "copy_gbps": copy_gbps,
         "min_bytes": bandwidth.min_bytes(cfg.mode, numel, itemsize, cfg.residual, cfg.activation),
+        "floor_bytes": bandwidth.floor_passes(cfg.mode, cfg.residual, cfg.activation) * numel * itemsize,
         "device_method": "", **dict.fromkeys(MEASURED, math.nan),
     }
 
 
 def derive(row: dict) -> None:
-    """Effective bandwidth (minimum bytes over time) from e2e and from device time, for valid rows."""
+    """Effective bandwidth (minimum bytes over time) from e2e and from device time, for valid rows, and the
+    device time's share of copy bandwidth over the floor's bytes (100 = at the floor, at copy speed)."""
     for prefix, column in (("", "e2e_ms"), ("device_", "device_ms")):
         gbps = bandwidth.effective_gbps(row["min_bytes"], row[column]) if row["ok"] else math.nan
         row[f"{prefix}gbps"] = gbps
         row[f"{prefix}pct_copy_bw"] = 100.0 * gbps / row["copy_gbps"]
+    floor_gbps = bandwidth.effective_gbps(row["floor_bytes"], row["device_ms"]) if row["ok"] else math.nan
+    row["device_pct_floor"] = 100.0 * floor_gbps / row["copy_gbps"]
 
 
 def run(cfgs: list[Config], backends: list[Backend], skipped: dict, device: torch.device, out: str,
-        progress: bool = True, seed: int = 0) -> list[dict]:
-    """Measure every configuration on every backend, write the merged CSV and return its rows."""
+        progress: bool = True, seed: int = 0, budget_s: float | None = None) -> list[dict]:
+    """Measure every configuration on every backend (until ``budget_s`` seconds have passed: the rest are left
+    out), write the merged CSV and return its rows."""
     from tqdm import tqdm
 
+    started = time.perf_counter()
     torch.manual_seed(seed)
     env = results.environment(device)
     copy_gbps = bandwidth.copy_bandwidth_gbps(device)
@@ -250,7 +257,10 @@ def run(cfgs: list[Config], backends: list[Backend], skipped: dict, device: torc
     # inputs, made on the default stream, from being read early or freed while still in use.
     cuda = device.type == "cuda"
     stream = torch.cuda.stream(torch.cuda.Stream(device)) if cuda else contextlib.nullcontext()
-    for cfg in cfgs:
+    for done, cfg in enumerate(cfgs):
+        if budget_s is not None and time.perf_counter() - started > budget_s:
+            bar.write(f"budget of {budget_s:g} s spent: {len(cfgs) - done} configurations left out")
+            break
         inputs = make_inputs(cfg, device)
         reference = reference_outputs(cfg, inputs)
         for backend in backends:

@@ -1,0 +1,160 @@
+"""Compile, without a GPU, every kernel specialization the plans would launch on a GPU: each configuration the
+tuning table can pick (the candidates of `tritonbn-perf tune`) and the heuristic's, over ResNet-50's shapes and
+a few odd ones, every dtype, both memory formats, every launch of every direction, and every activation.
+
+The plans run on CPU tensors as if on a GPU of ``multiprocessors`` SMs; each launch is replaced by Triton's own
+``warmup`` (argument binding and specialization exactly as a launch, then compilation to machine code, no
+launch) under a stand-in driver that names the compile target. What this proves: every variant compiles for
+the target with this Triton, with the argument count and specialization a real launch has. What it cannot:
+that the kernels run correctly or fast there (the suite checks the first under the interpreter; a GPU run the
+second). It needs compiled kernels: run it without TRITON_INTERPRET.
+"""
+
+import contextlib
+import re
+import time
+
+import torch
+
+from tritonbn import plans
+from tritonbn.activations import ACTIVATIONS, KERNEL_IDS
+
+from .shapes import preset_shapes
+
+# Shapes beyond ResNet-50's: odd channel counts and spatial sizes (specializations without 16-divisibility),
+# 2-D input, and a 5-D one.
+ODD_SHAPES = [(8, 3, 7, 7), (5, 12), (4, 6, 3, 5, 7)]
+DTYPES = (torch.bfloat16, torch.float32, torch.float16, torch.float64)
+
+
+class _CompileOnlyDriver:
+    """The little of Triton's GPU driver that binding and compiling use: the target, a device and a stream."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def is_active(self):
+        return True
+
+
+@contextlib.contextmanager
+def gpu_target(arch: int, multiprocessors: int):
+    """Plan for, and compile to, a GPU of compute capability ``arch`` with ``multiprocessors`` SMs."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    from tritonbn.kernels import launch, plan
+
+    compiled = []
+
+    def warmup(self, stream, *args):
+        compiled.append(self.kernel.warmup(*args, grid=self.grid, **self.options))
+
+    saved = plan.multiprocessors, launch.Launcher.__call__
+    previous = driver._active  # None until a driver was first asked for; there may be none to create here
+    driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
+    plan.multiprocessors = lambda device: multiprocessors
+    launch.Launcher.__call__ = warmup
+    plans.clear()
+    try:
+        yield compiled
+    finally:
+        plan.multiprocessors, launch.Launcher.__call__ = saved
+        driver.set_active(previous)
+        plans.clear()
+
+
+def _tensor(shape, dtype, fmt):
+    t = torch.empty(shape, dtype=dtype)
+    if fmt == "nhwc":
+        t = t.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    return t
+
+
+# Gradient sets backward is asked for: training with and without a residual, the input only, parameters only.
+NEEDS = ((True, True, True, False), (True, True, True, True), (True, False, False, False), (False, True, True, False))
+
+
+def _run_plans(shape, dtype, fmt, activation, config, residual, needs_sets):
+    """Plan (and so compile) a training forward, its backwards for ``needs_sets`` and an eval forward."""
+    from tritonbn.kernels import ForwardPlan, configs
+
+    x = _tensor(shape, dtype, fmt)
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    weight, bias = torch.empty(shape[1], dtype=param), torch.empty(shape[1], dtype=param)
+    running_mean, running_var = torch.zeros(shape[1], dtype=param), torch.ones(shape[1], dtype=param)
+    r = _tensor(shape, dtype, fmt) if residual else None
+    with configs.override(config) if config is not None else contextlib.nullcontext():
+        for training in (True, False):
+            plan = ForwardPlan(x, weight, bias, r, running_mean, training, KERNEL_IDS[activation])
+            _, workspace = plan(x, weight, bias, r, running_mean, running_var, 0.1, 1e-5, 0.01)
+            for needs in needs_sets:
+                if needs[3] and r is None:
+                    continue
+                stats = workspace[: 2 * shape[1]] if training else None
+                plan.backward_plan(x, weight, bias, r, needs)(x, x, stats, weight, bias, r, running_mean,
+                                                               running_var, 1e-5, 0.01)
+
+
+def _runs(dtypes, formats, multiprocessors):
+    """(shape, dtype, format, activation, configuration or None for the heuristic's, residual, gradient sets).
+
+    Every candidate configuration of every shape (bf16 and fp32, the dtypes GPUs train in) with a residual and
+    all gradients; and, on one shape per dtype and format, every activation and every gradient set.
+    """
+    from tritonbn.kernels import configs
+    from tritonbn.kernels.plan import LAYOUT_NAMES, layout_family, ncs_strides, spatial_size
+
+    shapes = [case.shape for case in preset_shapes("resnet50", 64)] + ODD_SHAPES
+    for shape in shapes:
+        for dtype in dtypes:
+            for fmt in formats:
+                if fmt == "nhwc" and len(shape) < 4:
+                    continue
+                x = _tensor(shape, dtype, fmt)
+                N, C, S = shape[0], shape[1], spatial_size(shape)
+                layout = LAYOUT_NAMES[layout_family(N, S, [ncs_strides(shape, x.stride())])]
+                if dtype in (torch.bfloat16, torch.float32):
+                    chosen = []
+                    for direction in configs.DIRECTIONS:
+                        chosen += [c for c in configs.candidates(direction, dtype, layout, N, C, S, multiprocessors)
+                                   if c not in chosen]
+                    for config in chosen:
+                        yield shape, dtype, fmt, "relu", config, True, NEEDS[1:2]
+                if shape == shapes[0]:
+                    for activation in ACTIVATIONS:
+                        for residual in (False, True):
+                            yield shape, dtype, fmt, activation, None, residual, NEEDS
+
+
+def check(arch=90, multiprocessors=132, dtypes=DTYPES, formats=("nchw", "nhwc"), progress=print) -> dict:
+    """Compile every specialization; return counts, failures and how many kernels' PTX has vector loads."""
+    from tritonbn import backend
+
+    if backend.kernels_interpreted():
+        raise RuntimeError("compile-check needs compiled kernels: run it without TRITON_INTERPRET")
+    failures, started = [], time.perf_counter()
+    runs = list(_runs(dtypes, formats, multiprocessors))
+    with gpu_target(arch, multiprocessors) as compiled:
+        for done, (shape, dtype, fmt, activation, config, residual, needs) in enumerate(runs, 1):
+            try:
+                _run_plans(shape, dtype, fmt, activation, config, residual, needs)
+            except Exception as exc:  # one failure must not hide the others
+                failures.append(f"{shape} {dtype} {fmt} {activation} residual={residual} {config}: "
+                                f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}")
+            if done % 20 == 0 or done == len(runs):
+                progress(f"{done}/{len(runs)} runs, {len(compiled)} launches compiled, {len(failures)} failures, "
+                         f"{time.perf_counter() - started:.0f} s")
+    kernels = {id(k): k for k in compiled if k is not None}.values()
+    vector_loads = sum(bool(re.search(r"ld\.global(\.\w+)*\.v[248]", k.asm["ptx"])) for k in kernels)
+    return {"runs": len(runs), "launches": len(compiled), "kernels": len(kernels),
+            "with_vector_loads": vector_loads, "failures": failures, "seconds": time.perf_counter() - started}
