@@ -18,6 +18,29 @@ if not torch.cuda.is_available():
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reference-path", action="store_true",
+                     help="run CPU tensors through tritonbn.cpu_reference(), the PyTorch path every CPU user without "
+                          "TRITON_INTERPRET gets (tests marked `kernels` are about the kernels: deselect them with "
+                          "-m 'not kernels')")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernels: about the Triton kernels themselves (not the reference path)")
+
+
+@pytest.fixture(autouse=True)
+def reference_path(request):
+    """Under --reference-path, every test runs inside tritonbn.cpu_reference()."""
+    if not request.config.getoption("--reference-path"):
+        yield
+        return
+    import tritonbn
+
+    with tritonbn.cpu_reference():
+        yield
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

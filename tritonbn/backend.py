@@ -44,9 +44,15 @@ def kernels_interpreted() -> bool:
 
 def uses_kernels(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` runs the Triton kernels (else the PyTorch reference)."""
-    if x.device.type == "cuda":
+    return device_uses_kernels(x.device)
+
+
+def device_uses_kernels(device: torch.device) -> bool:
+    """Whether a call on tensors of ``device`` runs the Triton kernels."""
+    kind = device.type
+    if kind == "cuda":
         return True
-    return x.device.type == "cpu" and kernels_interpreted() and not _reference_forced()
+    return kind == "cpu" and kernels_interpreted() and not _reference_forced()
 
 
 @_constant_under_compile

@@ -12,7 +12,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import ops, plans, reference
-from .backend import cpu_reference, uses_kernels
+from .backend import cpu_reference, device_uses_kernels, uses_kernels
 from .validation import check_activation, check_batch_norm_args, check_eps, check_tensor_types
 
 __all__ = ["BatchNormActFunction", "batch_norm_act", "cpu_reference", "prepare", "run"]
@@ -26,19 +26,26 @@ def _composite_only() -> bool:
 
 def prepare(input, running_mean, running_var, weight, bias, residual, training, eps, activation):
     """Check a call's arguments (a clear error, before any state changes) and return its kernel plan, or
-    None where the call runs the PyTorch reference or, inside torch.compile, the custom ops."""
-    check_tensor_types(input, running_mean, running_var, weight, bias, residual)
-    check_eps(eps, training)
-    arguments = (input, running_mean, running_var, weight, bias, residual, training)
-    if torch.compiler.is_compiling() or not uses_kernels(input) or _composite_only():
+    None where the call runs the PyTorch reference or, inside torch.compile, the custom ops.
+
+    The hot path is a cached plan: its key is built from the tensors' layouts (which also proves they are
+    tensors), and a plan is cached only after the checks passed for what the key holds.
+    """
+    try:
+        key = plans.key(input, weight, bias, residual, running_mean, running_var, training, activation)
+    except AttributeError:  # an argument that is not a tensor: name it
+        check_tensor_types(input, running_mean, running_var, weight, bias, residual)
+        raise
+    if not eps > 0.0:
+        check_eps(eps, training)
+    if torch.compiler.is_compiling() or not device_uses_kernels(key[3]) or _composite_only():
         check_activation(activation)
-        check_batch_norm_args(*arguments)
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
         return None
-    key = plans.key(input, weight, bias, residual, running_mean, running_var, training, activation)
     plan = plans.cached(key)
     if plan is None:  # the checks depend only on what the key holds, so a cached plan was checked already
         check_activation(activation)
-        check_batch_norm_args(*arguments)
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
         plan = plans.new(key, input, weight, bias, residual, running_mean, training, activation)
     return plan
 
@@ -47,8 +54,8 @@ def run(plan, input, running_mean, running_var, weight, bias, training, momentum
         residual):
     """The op for arguments ``prepare`` checked, on the path it chose."""
     if plan is not None:
-        return BatchNormActFunction.apply(input, weight, bias, residual, running_mean, running_var, training,
-                                          momentum, eps, activation, negative_slope, plan)
+        return BatchNormActFunction.apply(input, weight, bias, residual, running_mean, running_var, momentum, eps,
+                                          negative_slope, plan)
     if torch.compiler.is_compiling() and uses_kernels(input):  # custom ops: no graph break
         return ops.CompiledBatchNormAct.apply(input, weight, bias, residual, running_mean, running_var,
                                               bool(training), float(momentum), float(eps), activation,
@@ -66,27 +73,31 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
     ``activation`` is one of ``tritonbn.ACTIVATIONS``; ``negative_slope`` is leaky_relu's.
     """
     plan = prepare(input, running_mean, running_var, weight, bias, residual, training, eps, activation)
-    return run(plan, input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+    if plan is not None:
+        return BatchNormActFunction.apply(input, weight, bias, residual, running_mean, running_var, momentum, eps,
+                                          negative_slope, plan)
+    return run(None, input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
                negative_slope, residual)
 
 
 class BatchNormActFunction(torch.autograd.Function):
     """Autograd for the kernels. Saves x, the residual and per-channel statistics (the batch's mean and
     rstd, or in eval the running statistics), nothing full-size new: the pre-activation is recomputed in
-    backward, which costs no extra pass over memory."""
+    backward, which costs no extra pass over memory. The plan knows the mode and the activation."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
-                negative_slope, plan):
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope, plan):
         output, workspace = plan(input, weight, bias, residual, running_mean, running_var, momentum, eps,
                                  negative_slope)
         # With the identity the pre-activation is never needed, so the residual need not stay alive.
-        saved_residual = residual if activation != "identity" else None
-        if training:  # the workspace holds the batch's mean and rstd
-            ctx.save_for_backward(input, weight, bias, saved_residual, workspace, None, None)
-        else:  # saved, so that changing them before backward is caught as for any saved tensor
-            ctx.save_for_backward(input, weight, bias, saved_residual, None, running_mean, running_var)
-        ctx.plan, ctx.eps, ctx.activation, ctx.negative_slope = plan, eps, activation, negative_slope
+        saved_residual = residual if plan.needs_residual else None
+        if workspace is not None:  # training: the workspace begins with the batch's mean and rstd (C-sized,
+            ctx.save_for_backward(input, weight, bias, saved_residual)  # kept on ctx: no saved-tensor hooks)
+            ctx.stats = workspace
+        else:  # eval: saved, so that changing them before backward is caught as for any saved tensor
+            ctx.save_for_backward(input, weight, bias, saved_residual, running_mean, running_var)
+            ctx.stats = None
+        ctx.plan, ctx.eps, ctx.negative_slope = plan, eps, negative_slope
         return output
 
     @staticmethod
@@ -95,23 +106,23 @@ class BatchNormActFunction(torch.autograd.Function):
             # create_graph=True (double backward, gradient penalties): the kernels' gradients are not
             # themselves differentiable, so this rare case recomputes them with PyTorch ops that are.
             return _differentiable_backward(ctx, grad_output)
-        from . import kernels
-
-        x, weight, bias, residual, stats, running_mean, running_var = ctx.saved_tensors
-        plan = kernels.backward_plan(ctx.plan, grad_output, weight, bias, residual, ctx.needs_input_grad[:4])
-        grads = plan(grad_output, x, stats, weight, bias, residual, running_mean, running_var, ctx.eps,
+        saved = ctx.saved_tensors
+        x, weight, bias, residual = saved[:4]
+        running_mean, running_var = saved[4:] if ctx.stats is None else (None, None)
+        plan = ctx.plan.backward_plan(grad_output, weight, bias, residual, ctx.needs_input_grad)
+        grads = plan(grad_output, x, ctx.stats, weight, bias, residual, running_mean, running_var, ctx.eps,
                      ctx.negative_slope)
-        return (*grads, *_NON_TENSOR_GRADS)
-
-
-_NON_TENSOR_GRADS = (None,) * 8  # running_mean, running_var, training, momentum, eps, activation, slope, plan
+        return (*grads, None, None, None, None, None, None)
 
 
 def _differentiable_backward(ctx, grad_output):
-    input, weight, bias, residual, _, running_mean, running_var = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    input, weight, bias, residual = saved[:4]
+    running_mean, running_var = saved[4:] if ctx.stats is None else (None, None)
+    plan = ctx.plan
     # In training the batch statistics depend on the input: recomputed differentiably.
-    mean, var = reference.statistics(input, running_mean, running_var, ctx.plan.training)
-    output = reference.normalize_act(input, mean, torch.rsqrt(var + ctx.eps), weight, bias, ctx.activation,
+    mean, var = reference.statistics(input, running_mean, running_var, plan.training)
+    output = reference.normalize_act(input, mean, torch.rsqrt(var + ctx.eps), weight, bias, plan.activation,
                                      ctx.negative_slope, residual)
     grads = [None, None, None, None]
     # An identity's residual was not saved: its gradient is the output's, unchanged.
@@ -122,4 +133,4 @@ def _differentiable_backward(ctx, grad_output):
     computed = torch.autograd.grad(output, [operands[i] for i in wanted], grad_output, create_graph=True)
     for i, grad in zip(wanted, computed):
         grads[i] = grad
-    return (*grads, *_NON_TENSOR_GRADS)
+    return (*grads, None, None, None, None, None, None)

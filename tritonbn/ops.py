@@ -1,12 +1,13 @@
-"""The fused op as torch.library custom ops, so torch.compile sees it without a graph break.
+"""The fused op as torch.library ops, so torch.compile sees it without a graph break.
 
-``tritonbn::forward`` and ``tritonbn::backward`` run the very plans and launchers eager calls run (two
-launches each way, the running statistics updated inside the forward kernel, dz written once and read back
-with a residual). While torch.compile traces, ``tritonbn.functional`` routes the kernel path through
-``CompiledBatchNormAct``, an autograd Function made of the two ops: an op that mutates (the forward updates
-the running statistics, which ``mutates_args`` declares, so a compiled step updates them once) cannot carry
-an autograd formula itself. Every op has a fake implementation that promises exactly the strides the
-kernels produce. Importing this module registers the ops; it imports no Triton until an op runs.
+While torch.compile traces, ``tritonbn.functional`` routes the kernel path through ``CompiledBatchNormAct``,
+an autograd Function made of a forward and a backward op: an op that mutates (the forward updates the
+running statistics, which ``mutates_args`` declares, so a compiled step updates them once) cannot carry an
+autograd formula itself. On a GPU those are the triton ops of ``triton_ops.py``, whose kernels Inductor
+launches from its own code. Where the kernels are interpreted (a CPU), Inductor cannot run them: there the
+custom ops below, ``tritonbn::forward`` and ``tritonbn::backward``, run the very plans eager calls run, as
+opaque ops with fake implementations that promise exactly the strides the kernels produce. Importing this
+module registers the custom ops; it imports no Triton until an op runs.
 """
 
 import torch
@@ -46,11 +47,10 @@ def backward(grad_output: Tensor, input: Tensor, stats: Tensor, weight: Tensor |
              eps: float, activation: str, negative_slope: float, needs: list[bool]) -> list[Tensor]:
     """[grad input, grad weight, grad bias, grad residual]; an empty tensor for each gradient not wanted
     (``needs`` says which are), since ops cannot return None. ``stats`` is the forward's second output."""
-    from . import kernels
 
     plan = plan_for(input, weight, bias, residual, running_mean, running_var, training, activation)
     stats = stats if training else None
-    grads = kernels.backward_plan(plan, grad_output, weight, bias, residual, tuple(needs))(
+    grads = plan.backward_plan(grad_output, weight, bias, residual, tuple(needs))(
         grad_output, input, stats, weight, bias, residual, running_mean, running_var, eps, negative_slope)
     # The identity's residual gradient is grad_output itself: an op may not return an alias of its input.
     return [input.new_empty(0) if grad is None else grad.clone() if grad is grad_output else grad for grad in grads]
@@ -66,14 +66,26 @@ def _(grad_output, input, stats, weight, bias, residual, running_mean, running_v
             _output_like(input, grad_output.dtype) if need_residual else input.new_empty(0)]
 
 
+def kernel_ops(input: Tensor):
+    """(forward op, backward op) that torch.compile traces for a call on ``input``: on a GPU (any device but the
+    CPU) the triton ops, whose kernels Inductor launches itself; on a CPU, where the kernels run under Triton's
+    interpreter, the custom ops above, which run eager's plans."""
+    if input.device.type != "cpu":
+        from . import triton_ops  # noqa: F401  defines the ops; it imports Triton, so only now
+
+        return torch.ops.tritonbn.forward_kernels, torch.ops.tritonbn.backward_kernels
+    return torch.ops.tritonbn.forward, torch.ops.tritonbn.backward
+
+
 class CompiledBatchNormAct(torch.autograd.Function):
-    """What ``BatchNormActFunction`` computes, made of the two custom ops for torch.compile to trace."""
+    """What ``BatchNormActFunction`` computes, made of a forward and a backward op for torch.compile to trace."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
                 negative_slope):
-        output, stats = torch.ops.tritonbn.forward(input, weight, bias, residual, running_mean, running_var,
-                                                       training, momentum, eps, activation, negative_slope)
+        forward_op, ctx.backward_op = kernel_ops(input)
+        output, stats = forward_op(input, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                                   activation, negative_slope)
         ctx.save_for_backward(input, stats, weight, bias, residual, running_mean, running_var)
         ctx.options = (training, eps, activation, negative_slope)
         return output
@@ -84,7 +96,7 @@ class CompiledBatchNormAct(torch.autograd.Function):
         training, eps, activation, negative_slope = ctx.options
         needs = [bool(need) and tensor is not None
                  for need, tensor in zip(ctx.needs_input_grad[:4], (input, weight, bias, residual))]
-        grads = torch.ops.tritonbn.backward(grad_output, input, stats, weight, bias, residual, running_mean,
-                                            running_var, training, eps, activation, negative_slope, needs)
+        grads = ctx.backward_op(grad_output, input, stats, weight, bias, residual, running_mean, running_var,
+                                training, eps, activation, negative_slope, needs)
         grads = [grad if need else None for grad, need in zip(grads, needs)]
         return (*grads, None, None, None, None, None, None, None)

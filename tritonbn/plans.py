@@ -3,6 +3,8 @@ tensors and its options. ``functional.prepare`` checks a call's arguments before
 plan also means its arguments were checked; the custom ops (``ops.py``) plan arguments already checked.
 """
 
+import torch
+
 from .activations import REGISTRY
 
 _PLANS: dict = {}
@@ -31,6 +33,7 @@ def new(plan_key, input, weight, bias, residual, running_mean, training, activat
         _PLANS.clear()
     plan = _PLANS[plan_key] = kernels.ForwardPlan(input, weight, bias, residual, running_mean, training,
                                                   REGISTRY[activation].kernel_id)
+    plan.activation = activation  # the name, for double backward's PyTorch recomputation
     return plan
 
 
@@ -38,3 +41,46 @@ def plan_for(input, weight, bias, residual, running_mean, running_var, training,
     """The cached plan for arguments already checked."""
     plan_key = key(input, weight, bias, residual, running_mean, running_var, training, activation)
     return cached(plan_key) or new(plan_key, input, weight, bias, residual, running_mean, training, activation)
+
+
+def clear() -> None:
+    """Forget every plan (a configuration override, say, should take effect for shapes planned already)."""
+    _PLANS.clear()
+
+
+class StaticLayout:
+    """What a plan reads of a tensor (shape, strides, dtype, device), every size a plain int. Made from a tensor
+    torch.compile traces, where sizes may be SymInts: int() of one makes Dynamo guard on its value, so the
+    compiled graph is specialized on the shape and the plan cache is never keyed on a SymInt."""
+
+    __slots__ = ("shape", "_stride", "dtype", "device")
+
+    def __init__(self, t):
+        self.shape = torch.Size(int(size) for size in t.shape)
+        self._stride = tuple(int(step) for step in t.stride())
+        self.dtype, self.device = t.dtype, t.device
+
+    def stride(self):
+        return self._stride
+
+
+def static_layout(t):
+    return None if t is None else StaticLayout(t)
+
+
+_TRACED_PLANS: dict = {}
+
+
+def traced_plan(input, weight, bias, residual, running_mean, running_var, training, activation):
+    """The plan torch.compile's triton ops launch (no cooperative launch: see triton_ops.py), for checked
+    arguments."""
+    from . import kernels
+
+    x, w, b, r, rm, rv = (static_layout(t) for t in (input, weight, bias, residual, running_mean, running_var))
+    plan_key = key(x, w, b, r, rm, rv, training, activation)
+    plan = _TRACED_PLANS.get(plan_key)
+    if plan is None:
+        plan = _TRACED_PLANS[plan_key] = kernels.ForwardPlan(x, w, b, r, rm, training, REGISTRY[activation].kernel_id,
+                                                             cooperative=False)
+        plan.activation = activation
+    return plan
