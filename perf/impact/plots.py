@@ -151,21 +151,24 @@ def plot_intervention(res: Results, path: Path) -> None:
     for col, kind in enumerate(cfg.models):
         ics_ax, steps_ax = axes[0, col], axes[1, col]
         ics = {a: mean_ics(res, kind, a) for a in INTERVENTION_ARMS}
+        steps = {a: steps_per_seed(res, kind, a) for a in INTERVENTION_ARMS}
         layers = list(ics["bn"])
         for i, arm in enumerate(INTERVENTION_ARMS):
             ics_ax.bar(np.arange(len(layers)) + (i - 1) * width, [ics[arm][layer] for layer in layers], width,
                        color=ARM_COLOURS[arm], label=ARM_LABELS[arm])
-            steps = steps_per_seed(res, kind, arm)
-            steps_ax.bar(i, np.mean(steps), 0.6, color=ARM_COLOURS[arm], alpha=0.6)
-            steps_ax.plot([i] * len(steps), steps, "o", color="black", ms=4, label="one seed" if i == 0 else None)
+            steps_ax.bar(i, np.mean(steps[arm]), 0.6, color=ARM_COLOURS[arm], alpha=0.6)
+            steps_ax.plot([i] * len(steps[arm]), steps[arm], "o", color="black", ms=4,
+                          label="one seed" if i == 0 else None)
         ics_ax.set(title=f"{kind.upper()}: ICS per layer (mean over training and seeds)", yscale="log",
                    ylabel="input drift (W1 / std)", xticks=range(len(layers)), xticklabels=layers)
         ics_ax.legend(fontsize=8)
-        steps_ax.axhline(cfg.steps + cfg.eval_every, color="grey", ls=":", lw=1, label="never reached")
+        never = cfg.steps + cfg.eval_every
+        if any(never in s for s in steps.values()):
+            steps_ax.axhline(never, color="grey", ls=":", lw=1, label="never reached (counted as)")
         steps_ax.set(title=f"{kind.upper()}: steps to {cfg.target_accuracy:.0%} test accuracy (LR {cfg.base_lr:g})",
                      ylabel="steps", xticks=range(len(INTERVENTION_ARMS)),
                      xticklabels=[ARM_LABELS[a] for a in INTERVENTION_ARMS],
-                     ylim=(0, 1.1 * (cfg.steps + cfg.eval_every)))
+                     ylim=(0, 1.2 * max(max(s) for s in steps.values())))
         steps_ax.legend(fontsize=8)
     _save(fig, path)
 
