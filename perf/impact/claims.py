@@ -1,4 +1,5 @@
-"""The five claims, the figures measured for each, and the rules that turn those figures into a verdict.
+"""The five claims (claim 5 twice: by correlation and by intervention), the figures measured for each, and the
+rules that turn those figures into a verdict.
 
 Every function here reads finished runs (`Results`) or timings: nothing trains. A claim's figures and
 verdict are computed per model, and the models' verdicts are combined by `combine_verdicts`.
@@ -13,38 +14,50 @@ from collections.abc import Sequence
 import numpy as np
 
 from .config import StudyConfig
-from .models import ARM_LABELS, COMPARED_ARMS
+from .landscape import LANDSCAPE_MEASURES
+from .models import ARM_LABELS, COMPARED_ARMS, INTERVENTION_ARMS
 from .training import RunResult
 
-HELD, NOT_HELD, MIXED = "held", "did not hold", "mixed"
+HELD, NOT_HELD, MIXED, INCONCLUSIVE = "held", "did not hold", "mixed", "inconclusive"
 
+# Claim 5 has two rows: 5a sets ICS beside training speed (a correlation), 5b intervenes on ICS.
 CLAIMS = {
-    1: "BN makes training less sensitive to initialisation",
-    2: "BN acts as a regulariser (smaller generalisation gap, less need for dropout)",
-    3: "BN allows higher learning rates and speeds up convergence",
-    4: "BN adds computational overhead",
-    5: "BN works by reducing internal covariate shift",
+    "1": "BN makes training less sensitive to initialisation",
+    "2": "BN acts as a regulariser (smaller generalisation gap, less need for dropout)",
+    "3": "BN allows higher learning rates and speeds up convergence",
+    "4": "BN adds computational overhead",
+    "5a": "BN works by reducing internal covariate shift (correlation: ICS beside speed)",
+    "5b": "BN works by reducing internal covariate shift (intervention: noise injected after BN raises ICS)",
 }
 # The figures of `plots.write_all` that show each claim's numbers; the report links them.
-CLAIM_PLOTS = {1: ("init_sweep.png",), 2: ("generalisation.png",), 3: ("lr_sweep.png", "curves.png"),
-               4: ("timing.png",), 5: ("ics.png",)}
+CLAIM_PLOTS = {"1": ("init_sweep.png",), "2": ("generalisation.png",), "3": ("lr_sweep.png", "curves.png"),
+               "4": ("timing.png",), "5a": ("ics.png",), "5b": ("intervention.png", "landscape.png", "ics.png")}
 RULES = {
-    1: "held if BN's spread (std of final test accuracy over the init scales, per seed) is lower than "
-       "no-BN's by more than the noise floor; otherwise did not hold.",
-    2: "held if BN's train-test accuracy gap is smaller than no-BN's by more than the noise floor and BN's "
-       "test accuracy is not lower beyond it; mixed if the gap is smaller but test accuracy is lower "
-       "(less overfitting from fitting less); otherwise did not hold. Dropout is shown for reference.",
-    3: "held if BN both trains at a larger learning rate (largest grid LR with mean final test accuracy "
-       ">= the trains-threshold) and reaches the target accuracy in fewer steps (best over LRs, all seeds "
-       "reaching it); did not hold if neither; mixed if one.",
-    4: "held if a BN training step is slower than a no-BN step by more than max(5%, timing noise = the "
-       "larger relative interquartile range of the two); otherwise did not hold.",
-    5: "held if BN's ICS is below 0.9x no-BN's in every measured layer and BN reaches the target accuracy "
-       "in fewer steps at the base LR; did not hold if BN's ICS is not below 0.9x no-BN's in any layer; "
-       "mixed otherwise.",
+    "1": "held if BN's spread (std of final test accuracy over the init scales, per seed) is lower than "
+         "no-BN's by more than the noise floor; otherwise did not hold.",
+    "2": "held if BN's train-test accuracy gap is smaller than no-BN's by more than the noise floor and BN's "
+         "test accuracy is not lower beyond it; mixed if the gap is smaller but test accuracy is lower "
+         "(less overfitting from fitting less); otherwise did not hold. Dropout is shown for reference.",
+    "3": "held if BN both trains at a larger learning rate (largest grid LR with mean final test accuracy "
+         ">= the trains-threshold) and reaches the target accuracy in fewer steps (best over LRs, all seeds "
+         "reaching it); did not hold if neither; mixed if one.",
+    "4": "held if a BN training step is slower than a no-BN step by more than max(5%, timing noise = the "
+         "larger relative interquartile range of the two); otherwise did not hold.",
+    "5a": "held if BN's ICS is below 0.9x no-BN's in every measured layer and BN reaches the target accuracy "
+          "in fewer steps at the base LR; did not hold if BN's ICS is not below 0.9x no-BN's in any layer; "
+          "mixed otherwise.",
+    "5b": "from the baseline runs (base LR, init scale 1) of BN, no-BN and noisy BN, with steps to the target "
+          "accuracy per seed (a seed that never reaches it counts as the run's steps + one evaluation "
+          "interval) compared under the noise floor: inconclusive if BN is not faster than no-BN (no speed "
+          "to explain) or if noisy BN's ICS is below no-BN's in any measured layer (the noise did not raise "
+          "ICS to no-BN's level); otherwise did not hold if noisy BN is faster than no-BN and not slower "
+          "than BN (BN's speed survives no-BN's ICS); held if noisy BN is slower than BN and not faster than "
+          "no-BN (the noise took BN's speed away); inconclusive if it lands in between (slower than BN, "
+          "faster than no-BN) or cannot be told apart from either.",
 }
 NOISE_RULE = ("noise floor: a difference of means counts only if it exceeds max(margin, 2 x standard error "
-              "of the difference over seeds); margins are 0.02 (claim 1) and 0.005 (claim 2) in accuracy.")
+              "of the difference over seeds); margins are 0.02 (claim 1) and 0.005 (claim 2) in accuracy, "
+              "and one evaluation interval (claim 5b), the resolution of steps to target.")
 
 
 def compare_means(a: Sequence[float], b: Sequence[float], margin: float) -> int:
@@ -62,7 +75,7 @@ def combine_verdicts(per_model: Sequence[str]) -> str:
 
 @dataclasses.dataclass
 class ClaimRow:
-    number: int
+    number: str
     claim: str
     figures: str
     verdict: str
@@ -179,6 +192,12 @@ def mean_ics(res: Results, kind: str, arm: str) -> dict[str, float]:
             for layer in per_seed[0]}
 
 
+def landscape_summary(res: Results, kind: str, arm: str) -> dict[str, float]:
+    """Per landscape measure: the median over a baseline run's probes, averaged over the seeds."""
+    traces = [res.baseline(kind, arm, s).landscape for s in res.config.seeds]
+    return {m: float(np.mean([np.nanmedian(t.series(m)) for t in traces])) for m in LANDSCAPE_MEASURES}
+
+
 def claim_covariate_shift(res: Results) -> tuple[str, str]:
     cfg, texts, verdicts = res.config, [], []
     for kind in cfg.models:
@@ -195,7 +214,56 @@ def claim_covariate_shift(res: Results) -> tuple[str, str]:
     return "<br>".join(texts), combine_verdicts(verdicts)
 
 
+def steps_per_seed(res: Results, kind: str, arm: str) -> list[float]:
+    """Steps to the target accuracy of each seed's baseline run; a seed that never reaches it counts as the
+    run's steps + one evaluation interval, the earliest evaluation it could have reached it at."""
+    cfg = res.config
+    reached = (res.baseline(kind, arm, s).steps_to(cfg.target_accuracy) for s in cfg.seeds)
+    return [float(cfg.steps + cfg.eval_every if step is None else step) for step in reached]
+
+
+def intervention_verdict(ics_raised: bool, steps: dict[str, Sequence[float]], margin: float) -> str:
+    """Claim 5b's rule (RULES["5b"]) on per-seed steps to target of the "bn", "plain" and "noisy" arms."""
+    if compare_means(steps["plain"], steps["bn"], margin) <= 0 or not ics_raised:
+        return INCONCLUSIVE
+    faster_than_plain = compare_means(steps["plain"], steps["noisy"], margin) > 0
+    slower_than_bn = compare_means(steps["noisy"], steps["bn"], margin) > 0
+    if faster_than_plain and not slower_than_bn:
+        return NOT_HELD
+    if slower_than_bn and not faster_than_plain:
+        return HELD
+    return INCONCLUSIVE  # between the two, or told apart from neither
+
+
+def share_of_captures_at_or_above(res: Results, kind: str, arm: str, other: str) -> float:
+    """Fraction of the ICS captures (over layers and seeds, baseline runs) at which `arm`'s input drift is at
+    least `other`'s: the mean over the run can hide that one arm's drift is a transient and the other's steady."""
+    at_or_above = []
+    for seed in res.config.seeds:
+        drift, reference = res.baseline(kind, arm, seed).ics, res.baseline(kind, other, seed).ics
+        at_or_above += [a >= b for layer in drift for a, b in zip(drift[layer], reference[layer])]
+    return float(np.mean(at_or_above)) if at_or_above else math.nan
+
+
+def claim_intervention(res: Results) -> tuple[str, str]:
+    cfg, texts, verdicts = res.config, [], []
+    for kind in cfg.models:
+        ics = {a: mean_ics(res, kind, a) for a in INTERVENTION_ARMS}
+        raised = all(ics["noisy"][layer] >= ics["plain"][layer] for layer in ics["plain"])
+        steps = {a: steps_per_seed(res, kind, a) for a in INTERVENTION_ARMS}
+        verdicts.append(intervention_verdict(raised, steps, cfg.eval_every))
+        layers = ", ".join(f"{layer.split()[0]} " + "/".join(_fmt(ics[a][layer]) for a in ("noisy", "plain", "bn"))
+                           for layer in ics["plain"])
+        share = share_of_captures_at_or_above(res, kind, "noisy", "plain")
+        texts.append(f"{kind.upper()}: ICS noisy BN/no-BN/BN per layer {layers} (noisy BN's at or above no-BN's "
+                     f"at {share:.0%} of captures); steps to "
+                     f"{cfg.target_accuracy:.0%} at base LR (mean of seeds) " + ", ".join(
+                         f"{ARM_LABELS[a]} {_fmt(steps[a], 0)}" for a in ("noisy", "bn", "plain")))
+    return "<br>".join(texts), combine_verdicts(verdicts)
+
+
 def analyse(res: Results, timings: dict[str, dict[str, list[float]]]) -> list[ClaimRow]:
-    measured = {1: claim_init_sensitivity(res), 2: claim_regularisation(res), 3: claim_learning_rate(res),
-                4: claim_overhead(timings, res.config), 5: claim_covariate_shift(res)}
+    measured = {"1": claim_init_sensitivity(res), "2": claim_regularisation(res), "3": claim_learning_rate(res),
+                "4": claim_overhead(timings, res.config), "5a": claim_covariate_shift(res),
+                "5b": claim_intervention(res)}
     return [ClaimRow(n, CLAIMS[n], *measured[n], CLAIM_PLOTS[n]) for n in CLAIMS]

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-lr", type=float, help=f"LR of the init sweep and baseline (default "
                                                       f"{default.base_lr:g})")
     parser.add_argument("--dropout", type=float, help=f"dropout arm's p, 0 to skip it (default {default.dropout:g})")
+    parser.add_argument("--noise-dose", type=float,
+                        help="noisy BN arm (claim 5b): multiply the paper's per-unit shift and scale ranges by this "
+                             f"(default {default.noise_dose:g}, the paper's noise)")
     parser.add_argument("--workers", type=int,
                         help="CPU runs train in this many processes at once (default: 2 if the machine has "
                              "2 cores; 1 with --quick, whose runs are too few to repay starting processes)")
@@ -41,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
     overrides = {name: value for name, value in (
         ("seeds", tuple(args.seeds) if args.seeds else None), ("models", tuple(args.models) if args.models else None),
-        ("steps", args.steps), ("base_lr", args.base_lr), ("dropout", args.dropout)) if value is not None}
+        ("steps", args.steps), ("base_lr", args.base_lr), ("dropout", args.dropout),
+        ("noise_dose", args.noise_dose)) if value is not None}
     return StudyConfig.quick(**overrides) if args.quick else StudyConfig(**overrides)
 
 

@@ -32,7 +32,7 @@ class LayerInputProbe:
         hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: inputs.__setitem__(name, args[0]))
                  for name, m in self.layers]
         try:
-            with torch.no_grad(), _buffers_restored(self.model):
+            with torch.no_grad(), buffers_restored(self.model):
                 self.model(self.probe)
         finally:
             for hook in hooks:
@@ -45,8 +45,8 @@ class LayerInputProbe:
 
 
 @contextlib.contextmanager
-def _buffers_restored(model: nn.Module) -> Iterator[None]:
-    """Training-mode BN updates running stats; a probe must leave them as they were."""
+def buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Training-mode BN updates running stats; a probe (of ICS or the landscape) must leave them as they were."""
     saved = [buffer.clone() for buffer in model.buffers()]
     try:
         yield

@@ -12,17 +12,19 @@ from pathlib import Path
 
 import torch
 
-from .claims import ClaimRow, Results, analyse
+from .claims import ClaimRow, Results, analyse, landscape_summary
 from .config import StudyConfig
 from .data import DigitSplit, load_digit_split
-from .models import COMPARED_ARMS
+from .models import COMPARED_ARMS, INTERVENTION_ARMS
 from .report import StudyInfo, render_report, write_results_json
 from .training import RunResult, RunSpec, time_steps, train_run
 
 
 def plan_runs(config: StudyConfig) -> list[RunSpec]:
     """Every training run the study needs, each once: the LR sweep (init scale 1), the init-scale sweep
-    (base LR) and the baseline runs (base LR, scale 1; with ICS for bn/plain, plus the dropout arm)."""
+    (base LR) and the baseline runs (base LR, scale 1; with ICS and the loss landscape for bn, plain and
+    noisy BN, plus the dropout arm). The probed runs come first: they take longest, and starting them
+    first keeps the worker processes busy until the end."""
     specs: dict[tuple, RunSpec] = {}
 
     def add(spec: RunSpec) -> None:
@@ -37,10 +39,11 @@ def plan_runs(config: StudyConfig) -> list[RunSpec]:
                     add(RunSpec(kind, arm, lr, 1.0, seed))
                 for scale in config.init_scales:
                     add(RunSpec(kind, arm, config.base_lr, scale, seed))
-                add(RunSpec(kind, arm, config.base_lr, 1.0, seed, measure_ics=True))
+            for arm in INTERVENTION_ARMS:
+                add(RunSpec(kind, arm, config.base_lr, 1.0, seed, measure_ics=True, measure_landscape=True))
             if config.dropout > 0:
                 add(RunSpec(kind, "dropout", config.base_lr, 1.0, seed))
-    return list(specs.values())
+    return sorted(specs.values(), key=lambda spec: not spec.measure_ics)
 
 
 @contextlib.contextmanager
@@ -140,5 +143,7 @@ def run_study(config: StudyConfig, device: torch.device, out_dir: Path, *, kerne
     info = StudyInfo(device.type, bn_path, kernels, workers, threads, len(specs), time.perf_counter() - started)
     write_results_json(out_dir / "results.json", config, runs, timings, info)
     report = out_dir / "impact.md"
-    report.write_text(render_report(rows, config, info))
+    landscape = {kind: {arm: landscape_summary(results, kind, arm) for arm in INTERVENTION_ARMS}
+                 for kind in config.models}
+    report.write_text(render_report(rows, config, info, landscape))
     return rows, report

@@ -10,7 +10,8 @@ import pytest
 from tritonbn.perf.impact import claims, cli, models, study
 from tritonbn.perf.impact.config import StudyConfig
 
-PLOTS = ("curves.png", "lr_sweep.png", "init_sweep.png", "generalisation.png", "timing.png", "ics.png")
+PLOTS = ("curves.png", "lr_sweep.png", "init_sweep.png", "generalisation.png", "timing.png", "ics.png",
+         "intervention.png", "landscape.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -26,7 +27,7 @@ def quick_out(tmp_path_factory):
 
 def _claim_rows(report: str) -> list[list[str]]:
     """The cells of the claim table's body rows."""
-    rows = [line for line in report.splitlines() if re.match(r"\| \d+ \|", line)]
+    rows = [line for line in report.splitlines() if re.match(r"\| \d+[ab]? \|", line)]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
 
 
@@ -49,11 +50,11 @@ def test_plots_are_valid_pngs_with_content(quick_out, name):
 def test_every_claim_has_figures_a_verdict_and_a_plot(quick_out):
     report = (quick_out / "impact.md").read_text()
     rows = _claim_rows(report)
-    assert [row[0] for row in rows] == [str(n) for n in claims.CLAIMS]
+    assert [row[0] for row in rows] == list(claims.CLAIMS)
     for number, _claim, figures, verdict, plots in rows:
         for kind in models.MODEL_KINDS:
             assert re.search(rf"{kind.upper()}: .*\d\.\d", figures), (number, figures)
-        assert verdict.strip("*") in (claims.HELD, claims.NOT_HELD, claims.MIXED)
+        assert verdict.strip("*") in (claims.HELD, claims.NOT_HELD, claims.MIXED, claims.INCONCLUSIVE)
         assert all((quick_out / p).is_file() for p in re.findall(r"\(([\w.]+\.png)\)", plots))
 
 
@@ -61,7 +62,8 @@ def test_report_states_bn_path_settings_and_reproduction(quick_out):
     report = (quick_out / "impact.md").read_text()
     # the tests run with TRITON_INTERPRET=1, yet `auto` must train through the reference path on CPU
     assert "**BN path**: PyTorch reference path" in report
-    assert "--quick" in report and "--seeds 0" in report
+    assert "--quick" in report and "--seeds 0" in report and "--noise-dose 1" in report
+    assert "U(-0.5, 0.5)" in report and "U(1, 1.25)" in report  # the noise's distribution, stated
     for rule in claims.RULES.values():
         assert rule in report
 
@@ -71,3 +73,16 @@ def test_results_json_matches_the_plan(quick_out):
     config = StudyConfig.quick()
     assert len(payload["runs"]) == len(study.plan_runs(config))
     assert payload["config"]["seeds"] == list(config.seeds)
+    probed = [r for r in payload["runs"] if r["measure_landscape"]]
+    assert sorted({r["arm"] for r in probed}) == sorted(models.INTERVENTION_ARMS)
+    assert len(probed) == len(models.INTERVENTION_ARMS) * len(config.models) * len(config.seeds)
+    for run in probed:
+        assert run["landscape"]["steps"][0] == 0 and len(run["landscape"]["points"]) == len(run["landscape"]["steps"])
+
+
+def test_landscape_table_has_a_row_per_model_and_intervention_arm(quick_out):
+    report = (quick_out / "impact.md").read_text()
+    for kind in models.MODEL_KINDS:
+        for arm in models.INTERVENTION_ARMS:
+            label = re.escape(models.ARM_LABELS[arm])
+            assert re.search(rf"\| {kind.upper()} \| {label} \|( [\d.e+-]+ \|){{3}}", report)

@@ -40,12 +40,13 @@ def test_init_scale_multiplies_weights_only():
         torch.testing.assert_close(b, expected)
 
 
-def test_same_seed_reproduces_a_run_and_another_seed_differs():
+@pytest.mark.parametrize("arm", ["bn", "noisy"])
+def test_same_seed_reproduces_a_run_and_another_seed_differs(arm):
     config = StudyConfig.quick(steps=20, eval_every=5)
     data = load_digit_split("cpu")
 
     def run(seed):
-        return training.train_run(data, training.RunSpec("cnn", "bn", 0.03, 1.0, seed, measure_ics=True), config)
+        return training.train_run(data, training.RunSpec("cnn", arm, 0.03, 1.0, seed, measure_ics=True), config)
 
     with study.study_environment(torch.device("cpu"), kernels=False):
         first, again, other = run(3), run(3), run(4)
