@@ -15,9 +15,9 @@ from fuse_helpers import MODES, DataDependent, assert_same_computation, fused_la
 from torch import nn
 
 import tritonbn
-from tritonbn.fused_sequential import FusedSequential
+from tritonbn.conversion.fused_sequential import FusedSequential
+from tritonbn.conversion.unfusion import BatchNormThenAct2d
 from tritonbn.modules import _BatchNormAct
-from tritonbn.unfusion import BatchNormThenAct2d
 
 
 def conv3x3(in_planes, out_planes, stride=1):
@@ -296,7 +296,7 @@ class Messages(logging.Handler):
 
 
 def test_report_is_logged():
-    logger, handler = logging.getLogger("tritonbn.fusion"), Messages()
+    logger, handler = logging.getLogger("tritonbn.conversion.fusion"), Messages()
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -6,9 +6,9 @@ import weakref
 
 from torch import nn
 
+from ..modules import FUSED_CLASS_OF, fused_like
 from .fx_patterns import module_activation
 from .hooks import call_hooks
-from .modules import FUSED_CLASS_OF, fused_like
 
 
 def _fusable_pair(bn: nn.Module, follower: nn.Module | None) -> tuple[str, float] | None:

@@ -9,12 +9,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .activations import REGISTRY
+from ..activations import REGISTRY
+from ..modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from ..sync import SyncBatchNormAct
 from .fused_graph import UNFUSED_CLASS_OF, fused_residual_act, keep_everything_of, unfused_like
 from .fused_sequential import FusedSequential
 from .fusion import REPORT_ATTRIBUTE
-from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
-from .sync import SyncBatchNormAct
 
 
 class _ThenActivation:

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .activations import DEFAULT_SLOPE, REGISTRY, Activation
+from ..activations import DEFAULT_SLOPE, REGISTRY, Activation
 from .fused_graph import fused_residual_act
 from .hooks import bypassed, call_hooks
 

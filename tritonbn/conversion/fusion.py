@@ -24,11 +24,11 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..modules import FUSED_CLASS_OF, fused_like
 from .fused_graph import UNFUSED_CLASS_OF, FusedGraphModule, fused_residual_act, is_default
 from .fused_sequential import FusedSequential
 from .fx_patterns import match_pattern, module_activation
 from .hooks import bypassed, call_hooks, has_legacy_backward_hook, legacy_hook_reason
-from .modules import FUSED_CLASS_OF, fused_like
 from .tracing import specialized_defaults, trace
 
 logger = logging.getLogger(__name__)

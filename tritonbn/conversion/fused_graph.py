@@ -11,10 +11,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import reference
+from .. import reference
+from ..modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, batch_norm_like
+from ..sync import SyncBatchNormAct
 from .hooks import HOOK_ATTRIBUTES
-from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, batch_norm_like
-from .sync import SyncBatchNormAct
 
 # Each fused class and the torch batch norm it normalises as: what `unfuse` puts back.
 UNFUSED_CLASS_OF = {
