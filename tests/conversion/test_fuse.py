@@ -295,8 +295,10 @@ class Messages(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_report_is_logged():
-    logger, handler = logging.getLogger("tritonbn.conversion.fusion"), Messages()
+@pytest.mark.parametrize("name", ["tritonbn.conversion.fusion", "tritonbn.fusion", "tritonbn"])
+def test_report_is_logged(name):
+    """Once per logger, on the module's logger, its parents' and that of its path before the move."""
+    logger, handler = logging.getLogger(name), Messages()
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

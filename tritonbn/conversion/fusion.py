@@ -32,6 +32,10 @@ from .hooks import bypassed, call_hooks, has_legacy_backward_hook, legacy_hook_r
 from .tracing import specialized_defaults, trace
 
 logger = logging.getLogger(__name__)
+# Handlers set up for this module's path before the move, "tritonbn.fusion", get the report too.  That
+# logger does not propagate, so "tritonbn" and the root get it once, from `logger`.
+_old_path_logger = logging.getLogger("tritonbn.fusion")
+_old_path_logger.propagate = False
 
 REPORT_ATTRIBUTE = "tritonbn_fuse_report"
 
@@ -144,7 +148,8 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         result = model
     report.unfused.update(_other_batch_norms(model))
     setattr(result, REPORT_ATTRIBUTE, report)
-    logger.info("%s", report.summary())
+    for log in (logger, _old_path_logger):
+        log.info("%s", report.summary())
     return result
 
 
