@@ -5,7 +5,8 @@ The op does not depend on this package: it imports the op's modules, never the o
 
 - `fusion`: `fuse` and its `FuseReport`; `tracing` (the torch.fx tracer, ``forward``'s defaults),
   `fx_patterns` (the activations and the batch norm -> [add] -> activation patterns it recognises),
-  and `hooks` (which hooks a fused call would bypass).
+  `hooks` (which hooks a fused call would bypass) and `timm_layers` (timm's batch norm + activation
+  modules, recognised without importing timm).
 - What `fuse` returns: a `fused_graph.FusedGraphModule`, or for models torch.fx cannot trace, the model
   with `fused_sequential.FusedSequential` containers.
 - `unfusion`: `unfuse`.

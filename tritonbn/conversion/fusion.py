@@ -27,8 +27,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..modules import FUSED_CLASS_OF, fused_like
 from .fused_graph import UNFUSED_CLASS_OF, FusedGraphModule, fused_residual_act, is_default
 from .fused_sequential import FusedSequential
-from .fx_patterns import match_pattern, module_activation
+from .fx_patterns import match_pattern, module_activation, norm_act_activation
 from .hooks import bypassed, call_hooks, has_legacy_backward_hook, legacy_hook_reason
+from .timm_layers import fused_norm_act, is_timm_norm_act
 from .tracing import specialized_defaults, trace
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ class FusedLayer:
 
 @dataclass
 class FuseReport:
-    """What `fuse` did: ``method`` is "fx" or "sequential" (the `FusedSequential` fallback for untraceable
-    models), ``fused`` lists the replaced batch norms, ``unfused`` maps every other batch norm to the reason.
+    """What `fuse` did: ``method`` is "fx", "sequential" (the `FusedSequential` fallback for untraceable
+    models) or "module" (the model was one of timm's batch norm + activation modules), ``fused`` lists the
+    replaced batch norms, ``unfused`` maps every other batch norm to the reason.
 
     ``specialized`` maps each ``forward`` parameter that has a default value to that value: torch.fx
     traced ``forward`` with the default, and the fused model raises a ValueError when called with
@@ -84,14 +86,23 @@ class FuseReport:
 # fuse
 # ---------------------------------------------------------------------------------------------------
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose synchronized batch norms share the originals' process groups: a group
+    is a handle on the ranks' communicator, which cannot be copied (copy.deepcopy raises)."""
+    groups = {id(group): group for module in model.modules()
+              if (group := getattr(module, "process_group", None)) is not None}
+    return copy.deepcopy(model, memo=groups)
+
+
 def _other_batch_norms(model: nn.Module) -> dict[str, str]:
     """Batch norms `fuse` leaves as they are whatever follows them, with the reason: subclasses of
-    nn.BatchNorm*d (their forward may compute something else), nn.SyncBatchNorm, other _BatchNorm kinds."""
+    nn.BatchNorm*d (their forward may compute something else) other than timm's batch norm + activation
+    modules, nn.SyncBatchNorm, other _BatchNorm kinds."""
     known = {*FUSED_CLASS_OF, *UNFUSED_CLASS_OF}  # the batch norms fuse replaces, and the fused ones
     return {
         name: f"a {type(module).__name__}, not exactly nn.BatchNorm1d/2d/3d"
         for name, module in model.named_modules()
-        if isinstance(module, _BatchNorm) and type(module) not in known
+        if isinstance(module, _BatchNorm) and type(module) not in known and not is_timm_norm_act(module)
     }
 
 
@@ -129,19 +140,29 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     activation modules it no longer calls.  In the fallback, a `FusedSequential` checks the hooks of a
     pair's modules whenever it is called.
 
-    ``inplace=False`` works on a deep copy and leaves ``model`` untouched; ``inplace=True`` skips the
-    copy: the result shares parameters, buffers and modules with ``model`` (so an optimizer built on
-    ``model`` keeps working), and the sequential fallback rewrites ``model`` itself.
+    ``inplace=False`` works on a deep copy (sharing process groups) and leaves ``model`` untouched;
+    ``inplace=True`` skips the copy: the result shares parameters, buffers and modules with ``model`` (so
+    an optimizer built on ``model`` keeps working), and the sequential fallback rewrites ``model`` itself.
 
     A residual add is fused when its other operand is a tensor computed in ``forward`` (not a parameter
     or a constant).  The kernel adds it when it has the batch norm input's shape (or broadcasts to it);
     other operands take plain batch norm and torch ops at run time (see `fused_residual_act`).
+
+    timm's ``BatchNormAct2d`` and ``SyncBatchNormAct`` (see `timm_layers`) whose ``drop`` is an identity and
+    whose ``act`` is an activation the kernels compute (or an identity) are replaced by tritonbn's
+    BatchNormAct2d or SyncBatchNormAct, in the graph or in the fallback, sharing their state; one without
+    an activation is also fused with the activation or residual add that follows it, as nn.BatchNorm2d
+    is.  ``fuse`` of such a module alone returns its fused module.  The others stay, with the reason.
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     try:
-        report = FuseReport("fx")
-        result = _fuse_graph(model, report)
+        if is_timm_norm_act(model):  # nothing to trace: the fused module takes its place
+            report = FuseReport("module")
+            result = _fuse_norm_acts(model, report)
+        else:
+            report = FuseReport("fx")
+            result = _fuse_graph(model, report)
     except Exception as error:  # noqa: BLE001 -- tracing runs arbitrary user code; any failure means "untraceable"
         report = FuseReport("sequential", trace_error=f"{type(error).__name__}: {error}")
         _fuse_sequentials(model, report)
@@ -161,6 +182,11 @@ def _batch_norm_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if type(module) in FUSED_CLASS_OF]
 
 
+def _norm_act_names(model: nn.Module) -> list[str]:
+    """The paths of timm's batch norm + activation modules in ``model``."""
+    return [name for name, module in model.named_modules() if is_timm_norm_act(module)]
+
+
 def _inside(name: str, container: str) -> bool:
     return name.startswith(f"{container}.")
 
@@ -171,36 +197,70 @@ def _fuse_graph(model: nn.Module, report: FuseReport, prefix: str = "") -> fx.Gr
     specialized = specialized_defaults(model)
     traced = FusedGraphModule(model, trace(model, specialized), type(model).__name__)
     report.specialized = specialized
-    bn_names = _batch_norm_names(model)
+    bn_names = _batch_norm_names(model) + _norm_act_names(model)
     if has_legacy_backward_hook(model):
         reason = legacy_hook_reason(prefix.removesuffix("."))
         report.unfused.update(dict.fromkeys((prefix + name for name in bn_names), reason))
         return traced
     modules = dict(traced.named_modules())
     calls: dict[str, list[fx.Node]] = {}
+    fusable = set(bn_names)
     for node in traced.graph.nodes:
-        if node.op == "call_module" and type(modules[node.target]) in FUSED_CLASS_OF:
+        if node.op == "call_module" and node.target in fusable:
             calls.setdefault(node.target, []).append(node)
     hooked = _hooked_modules(traced, modules, bn_names)
     for name in bn_names:
         if any(_inside(name, container) for container in hooked):
             continue  # `_fuse_hooked_modules` reports it
-        nodes = calls.get(name, [])
-        if len(nodes) != 1:
-            reason = "not called in the traced forward" if not nodes else "called at several places"
-            report.unfused[prefix + name] = reason
-            continue
-        match = match_pattern(nodes[0], modules, prefix)
-        if isinstance(match, str):
-            report.unfused[prefix + name] = match
-            continue
-        replaced, residual, (activation, slope) = match
-        _replace_nodes(traced, replaced, residual, fused_like(modules[name], activation, slope))
-        report.fused.append(FusedLayer(prefix + name, activation, slope, residual is not None))
+        fuse_one = _fuse_norm_act if is_timm_norm_act(modules[name]) else _fuse_batch_norm
+        outcome = fuse_one(traced, modules, name, calls.get(name, []), prefix)
+        if isinstance(outcome, str):
+            report.unfused[prefix + name] = outcome
+        else:
+            report.fused.append(outcome)
     _fuse_hooked_modules(traced, hooked, bn_names, report, prefix)
     traced.graph.lint()
     traced.recompile()
     return traced
+
+
+def _fuse_batch_norm(traced: fx.GraphModule, modules: dict[str, nn.Module], name: str, nodes: list[fx.Node],
+                     prefix: str) -> FusedLayer | str:
+    """Fuse nn.BatchNorm*d ``name``, called at ``nodes``, with the activation and residual add that follow it;
+    what was fused, or why nothing was."""
+    if len(nodes) != 1:
+        return "not called in the traced forward" if not nodes else "called at several places"
+    match = match_pattern(nodes[0], modules, prefix)
+    if isinstance(match, str):
+        return match
+    return _fuse_match(traced, match, fused_like, modules[name], prefix + name)
+
+
+def _fuse_norm_act(traced: fx.GraphModule, modules: dict[str, nn.Module], name: str, nodes: list[fx.Node],
+                   prefix: str) -> FusedLayer | str:
+    """Fuse timm's batch norm + activation ``name``, called at ``nodes``: a fused module computes what it
+    does, so it takes the module's place however often it is called and whatever its output feeds.  One
+    without an activation (``apply_act=False``) called once is first fused with the activation or residual
+    add that follows it, as nn.BatchNorm2d is."""
+    module = modules[name]
+    own = norm_act_activation(module, prefix + name)
+    if isinstance(own, str):
+        return own
+    if not nodes:
+        return "not called in the traced forward"
+    if own[0] == "identity" and len(nodes) == 1:
+        match = match_pattern(nodes[0], modules, prefix)
+        if not isinstance(match, str):
+            return _fuse_match(traced, match, fused_norm_act, module, prefix + name)
+    traced.add_submodule(name, fused_norm_act(module, *own))
+    return FusedLayer(prefix + name, *own, False)
+
+
+def _fuse_match(traced: fx.GraphModule, match, make_fused, bn: nn.Module, qualified_name: str) -> FusedLayer:
+    """Replace the nodes of a `match_pattern` match by one call of ``make_fused(bn, activation, slope)``."""
+    replaced, residual, (activation, slope) = match
+    _replace_nodes(traced, replaced, residual, make_fused(bn, activation, slope))
+    return FusedLayer(qualified_name, activation, slope, residual is not None)
 
 
 def _hooked_modules(traced: fx.GraphModule, modules: dict[str, nn.Module], bn_names: list[str]
@@ -274,15 +334,25 @@ def _replace_nodes(traced: fx.GraphModule, replaced: list[fx.Node], residual, fu
 # The fallback for models torch.fx cannot trace
 # ---------------------------------------------------------------------------------------------------
 
+def _legacy_hook_owners(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if has_legacy_backward_hook(module)]
+
+
+def _owner(path: str, owners: list[str]) -> str | None:
+    """The module of ``owners`` that is or holds module ``path``, if any."""
+    return next((name for name in owners if name in ("", path) or _inside(path, name)), None)
+
+
 def _fuse_sequentials(model: nn.Module, report: FuseReport) -> None:
     """Make every ``nn.Sequential`` of ``model`` that holds a pair `FusedSequential` fuses one, in place: its
-    class changes, while the object, its modules and its hooks stay."""
+    class changes, while the object, its modules and its hooks stay.  timm's batch norm + activation modules
+    are replaced wherever they are (`_fuse_norm_acts`)."""
     reasons = dict.fromkeys(_batch_norm_names(model), "not followed by an activation module inside an nn.Sequential")
-    blocked = [name for name, module in model.named_modules() if has_legacy_backward_hook(module)]
+    blocked = _legacy_hook_owners(model)
     for path, container in model.named_modules():
         if not isinstance(container, nn.Sequential):
             continue
-        owner = next((name for name in blocked if name in ("", path) or _inside(path, name)), None)
+        owner = _owner(path, blocked)
         modules = list(container._modules.values())
         names = [f"{path}.{key}" if path else key for key in container._modules]
         for index, (bn, follower) in enumerate(zip(modules, modules[1:])):
@@ -304,4 +374,24 @@ def _fuse_sequentials(model: nn.Module, report: FuseReport) -> None:
                 report.fused.append(FusedLayer(names[index], *activation, False))
                 container.__class__ = FusedSequential
     report.unfused.update(reasons)
+    _fuse_norm_acts(model, report)
+
+
+def _fuse_norm_acts(model: nn.Module, report: FuseReport) -> nn.Module:
+    """Put a fused module in the place of each of timm's batch norm + activation modules in ``model`` that
+    one fused module computes, in place, without tracing: each computes what the module it replaces
+    computes, wherever that is called.  Returns ``model``, or the fused module when ``model`` is timm's."""
+    blocked = _legacy_hook_owners(model)
+    for path in _norm_act_names(model):
+        module = model.get_submodule(path)
+        owner = _owner(path, blocked)
+        own = legacy_hook_reason(owner) if owner is not None else norm_act_activation(module, path)
+        if isinstance(own, str):
+            report.unfused[path] = own
+            continue
+        report.fused.append(FusedLayer(path, *own, False))
+        if not path:
+            return fused_norm_act(module, *own)
+        model.set_submodule(path, fused_norm_act(module, *own))
+    return model
 

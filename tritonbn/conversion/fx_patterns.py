@@ -1,7 +1,9 @@
 """What `fuse` recognises: activations, and batch norm -> [residual add] -> activation in a torch.fx graph.
 
 An activation is an nn module, a functional form or a tensor method that the registry
-(``activations.REGISTRY``) lists, with settings the kernels compute (an ELU with alpha 1, exact GELU).
+(``activations.REGISTRY``) lists, or one of timm's own activation modules that computes one of them, with
+settings the kernels compute (an ELU with alpha 1, exact GELU).  timm's batch norm + activation modules hold
+one (`norm_act_activation`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from ..activations import DEFAULT_SLOPE, REGISTRY, Activation
 from .fused_graph import fused_residual_act
 from .hooks import bypassed, call_hooks
+from .timm_layers import timm_activation, unlike_timm
 
 _BY_MODULE = {activation.module: activation for activation in REGISTRY.values()}
 _BY_FUNCTION = {function: activation for activation in REGISTRY.values() for function in activation.functions}
@@ -32,8 +35,31 @@ def _with_settings(activation: Activation | None, get) -> tuple[str, float] | No
 def module_activation(module: nn.Module | None) -> tuple[str, float] | None:
     """(activation name, negative slope) of an activation module the kernels implement, else None.
 
-    The module's class must be exactly the registry's: a subclass may compute something else."""
-    return _with_settings(_BY_MODULE.get(type(module)), lambda position, name, default: getattr(module, name, default))
+    The module's class must be exactly the registry's (or timm's, see `timm_activation`): a subclass may
+    compute something else."""
+    activation = _BY_MODULE.get(type(module)) or REGISTRY.get(timm_activation(module))
+    return _with_settings(activation, lambda position, name, default: getattr(module, name, default))
+
+
+def norm_act_activation(module: nn.Module, name: str) -> tuple[str, float] | str:
+    """(activation name, negative slope) that one fused module computes timm's batch norm + activation
+    ``module`` (named ``name``) with, or why it does not: its structure is not timm's, its ``drop`` is not an
+    identity, its ``act`` is not an activation the kernels compute, or it, its ``drop`` or its ``act`` has
+    hooks, which a fused call would bypass."""
+    differs = unlike_timm(module)
+    if differs is not None:
+        return f"a {type(module).__qualname__} from {type(module).__module__}, but {differs}"
+    drop, act = module._modules.get("drop"), module._modules.get("act")
+    if drop is not None and type(drop) is not nn.Identity:
+        return f"its drop layer {name}.drop is a {type(drop).__name__}, not an identity"
+    activation = ("identity", DEFAULT_SLOPE) if act is None else module_activation(act)
+    if activation is None:
+        return f"its activation {name}.act, {act}, is not one tritonbn fuses"
+    for path, part in ((name, module), (f"{name}.drop", drop), (f"{name}.act", act)):
+        hooks = call_hooks(part) if part is not None else ""
+        if hooks:
+            return bypassed(hooks, path)
+    return activation
 
 
 def node_activation(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, float] | None:

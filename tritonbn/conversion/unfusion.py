@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import operator
 
 import torch
@@ -14,7 +13,8 @@ from ..modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from ..sync import SyncBatchNormAct
 from .fused_graph import UNFUSED_CLASS_OF, fused_residual_act, keep_everything_of, unfused_like
 from .fused_sequential import FusedSequential
-from .fusion import REPORT_ATTRIBUTE
+from .fusion import REPORT_ATTRIBUTE, copy_model
+from .timm_layers import applies_activation, unfused_norm_act
 
 
 class _ThenActivation:
@@ -69,6 +69,13 @@ def _fused_call(traced: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node, ob
     return None
 
 
+def _unfused(fused: nn.Module) -> nn.Module:
+    """The batch norm a fused module stands for, sharing its state: timm's module it replaced, else the
+    plain torch batch norm."""
+    timm_module = unfused_norm_act(fused)
+    return timm_module if timm_module is not None else unfused_like(UNFUSED_CLASS_OF[type(fused)], fused)
+
+
 def _unfuse_graph(traced: fx.GraphModule) -> None:
     graph = traced.graph
     plain_modules: dict[str, nn.Module] = {}
@@ -79,12 +86,14 @@ def _unfuse_graph(traced: fx.GraphModule) -> None:
         target, input, residual = call
         fused = traced.get_submodule(target)
         if target not in plain_modules:
-            plain_modules[target] = unfused_like(UNFUSED_CLASS_OF[type(fused)], fused)
+            plain_modules[target] = _unfused(fused)
         with graph.inserting_before(node):
             out = graph.call_module(target, (input,))
             if residual is not None:
                 out = graph.call_function(operator.add, (out, residual))
-            out = _activation_call(graph, out, fused.activation, fused.negative_slope)
+            # A timm module with an activation applies it itself (no residual add was fused into it then).
+            if not applies_activation(plain_modules[target]):
+                out = _activation_call(graph, out, fused.activation, fused.negative_slope)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     for node in graph.find_nodes(op="get_attr"):
@@ -104,9 +113,12 @@ def _unfuse_graph_module(traced: fx.GraphModule) -> fx.GraphModule:
 
 
 def _unfuse_modules(model: nn.Module) -> nn.Module:
-    """Replace fused modules outside a graph by ``BatchNormThenAct*d``, and make every `FusedSequential` an
-    nn.Sequential again (it holds the plain modules)."""
+    """Replace fused modules outside a graph by the timm module they replaced or by ``BatchNormThenAct*d``,
+    and make every `FusedSequential` an nn.Sequential again (it holds the plain modules)."""
     def then_activation(fused: nn.Module) -> nn.Module:
+        timm_module = unfused_norm_act(fused)  # computes its own activation: the one `fuse` took from it
+        if timm_module is not None:
+            return timm_module
         plain = unfused_like(_THEN_ACT_CLASS_OF[type(fused)], fused)
         plain.act = REGISTRY[fused.activation].make_module(fused.negative_slope).train(fused.training)
         return plain
@@ -132,11 +144,12 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     deep-copying it then follows torch.fx, which keeps only what the graph uses and no forward or
     backward hooks).  A `FusedSequential` (`fuse`'s fallback) becomes the nn.Sequential it was.  Fused
     modules elsewhere become ``BatchNormThenAct*d``: a subclass of the plain batch norm that applies the
-    add and activation with torch ops.  State_dict keys do not change, so checkpoints load into the
-    original model.
+    add and activation with torch ops.  A fused module that `fuse` made from one of timm's batch norm +
+    activation modules becomes that timm class again, in a graph or not, with the ``drop`` and ``act``
+    modules it had.  State_dict keys do not change, so checkpoints load into the original model.
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     graph_modules = [name for name, module in model.named_modules() if isinstance(module, fx.GraphModule)]
     # named_modules lists a module before the modules inside it: reversed, a GraphModule's plain
     # replacement is made once those of the GraphModules inside it are in place.
