@@ -28,9 +28,11 @@ from ..modules import BatchNormAct2d, batch_norm_like
 from ..sync import SyncBatchNormAct
 from .fused_graph import unfused_like
 
-# Where timm defines these classes: timm.layers since timm 0.9, timm.models.layers before.
-_NORM_ACT_MODULES = ("timm.layers.norm_act", "timm.models.layers.norm_act")
-_ACTIVATION_MODULES = ("timm.layers.activations", "timm.models.layers.activations")
+# Where timm defines these classes (timm.layers since timm 0.9, timm.models.layers before), and the packages
+# that export them.
+_NORM_ACT_MODULES = ("timm.layers.norm_act", "timm.models.layers.norm_act", "timm.layers", "timm.models.layers")
+_ACTIVATION_MODULES = ("timm.layers.activations", "timm.models.layers.activations", "timm.layers",
+                       "timm.models.layers")
 # timm's class name -> (its base, the fused class that replaces it)
 _NORM_ACT_CLASSES = {"BatchNormAct2d": (nn.BatchNorm2d, BatchNormAct2d),
                      "SyncBatchNormAct": (nn.SyncBatchNorm, SyncBatchNormAct)}
@@ -38,7 +40,7 @@ _CHILDREN = ("drop", "act")
 # timm's own activation modules that compute one of the registry's activations exactly, by class name.
 # ``act_layer="gelu"`` builds timm's GELU, whose forward is F.gelu(input); torch's nn.SiLU, nn.ReLU, ...
 # are what its other names build.
-TIMM_ACTIVATIONS = {"GELU": "gelu"}
+_TIMM_ACTIVATIONS = {"GELU": "gelu"}
 # The fused module's attribute naming the timm class it replaced.
 _TIMM_CLASS = "_tritonbn_timm_class"
 
@@ -69,7 +71,7 @@ def timm_activation(module: nn.Module) -> str | None:
     cls = type(module)
     if cls.__module__ not in _ACTIVATION_MODULES or cls.__bases__ != (nn.Module,):
         return None
-    return TIMM_ACTIVATIONS.get(cls.__qualname__)
+    return _TIMM_ACTIVATIONS.get(cls.__qualname__)
 
 
 def fused_norm_act(module: nn.Module, activation: str, negative_slope: float) -> nn.Module:
