@@ -156,17 +156,25 @@ def plot_overhead(rows, dtype: str, layout: str, path: Path) -> bool:
     return save(fig, path, rect=(0, 0.03, 1, top))
 
 
+def bandwidth_kind(rows) -> str:
+    """The time effective bandwidth is computed from: device time where the CSV has it (a host-bound call
+    says nothing about its kernels), else e2e."""
+    return "device" if any(math.isfinite(r["device_gbps"]) for r in measured(rows, "device")) else "e2e"
+
+
 def plot_bandwidth(rows, path: Path) -> bool:
-    """Effective GB/s (minimum-bytes model) against the tensor size, under the copy-bandwidth roofline;
-    from device time where the CSV has it (a host-bound call says nothing about its kernels), else e2e."""
-    kind = "device" if any(math.isfinite(r["device_gbps"]) for r in measured(rows, "device")) else "e2e"
+    """Effective GB/s (minimum-bytes model) against the tensor size, under the copy-bandwidth roofline,
+    from the time `bandwidth_kind` picks."""
+    kind = bandwidth_kind(rows)
     column = "device_gbps" if kind == "device" else "gbps"
     rows = [r for r in measured(rows, kind) if math.isfinite(r[column])]
     if not rows:
         return False
     plt = pyplot()
+    from matplotlib.ticker import NullFormatter
+
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes), 4.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes), 4.8), squeeze=False, sharey=True)
     copy = geomean(r["copy_gbps"] for r in rows)
     for ax, mode in zip(axes[0], modes):
         for backend in backends(rows):
@@ -176,15 +184,19 @@ def plot_bandwidth(rows, path: Path) -> bool:
         ax.axhline(copy, color="red", linestyle="--", linewidth=1.2, label=f"device copy: {copy:.3g} GB/s")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # within a decade they would print over each other
         ax.set_xlabel("minimum bytes moved (MiB)")
         ax.set_title(MODE_TITLES[mode], fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"effective bandwidth (GB/s)\nminimum bytes / {kind} time")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="upper right", ncols=len(labels))
-    fig.suptitle("Achieved bandwidth against the copy-bandwidth roofline (higher is better)", x=0.02,
-                 ha="left")
-    return save(fig, path, rect=(0, 0.04, 1, 0.95), rows=rows)
+    height = fig.get_figheight()
+    fig.suptitle("Achieved bandwidth against the copy-bandwidth roofline (higher is better)\n"
+                 f"from {KIND_TITLES[kind]}", y=0.998, fontsize=11)
+    # The legend's row below the title's two lines (0.6 inch); tight_layout leaves room for the title only.
+    fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.6 / height),
+               ncols=len(labels), frameon=False)
+    return save(fig, path, rect=(0, 0.04, 1, 1 - 0.3 / height), rows=rows)
 
 
 def plot_scaling(rows, path: Path) -> bool:

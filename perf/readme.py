@@ -1,17 +1,22 @@
 """The README's results block, generated from the GPU results committed under perf/results/<device>/.
 
-`tritonbn-perf readme` rewrites what lies between BEGIN and END in README.md: for every sweep CSV timed on a
-GPU (`timing` cuda-events) in a folder of perf/results, the device, versions, commit, what was swept, and
-the geomean speedups per mode (e2e, and device-only where the CSV holds a device/host split). A folder's
-optional provenance.json says what the measurement was (`label`) and, where the CSV could not record it,
-the package's commit (`commit`). Every number comes from the CSVs; nothing in the block is typed by hand.
+`tritonbn-perf readme` rewrites what lies between BEGIN and END in README.md. A run is a folder under
+perf/results/<device>/ (the device folder itself, or one inside it) holding a sweep CSV timed on a GPU
+(`timing` cuda-events), and maybe a training-step CSV from `tritonbn-perf step`. Per device, the latest run
+(by its rows' timestamps) comes first, then the older ones under a *History* heading. For each: the device,
+versions, commit, what was swept and the geomean speedups per mode (e2e, and device-only where the CSV holds
+a device/host split), and the training steps. A folder's optional provenance.json (`provenance`) says what
+the run was (`label`) and, where the CSVs could not record it, the package's commit. Every number comes
+from the CSVs; nothing in the block is typed by hand.
 """
 
-import json
+import csv
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import provenance
 from .constants import BACKENDS, MODES
 from .report import fmt, speedup_columns, table
 from .results import ResultsError, read_rows
@@ -23,9 +28,10 @@ END = "<!-- tritonbn-perf readme: end -->"
 
 
 def gpu_sweeps(results_dir: Path) -> list[tuple[Path, list[dict]]]:
-    """(CSV, its GPU rows) for every sweep CSV in the folders of `results_dir` with rows timed on a GPU."""
+    """(CSV, its GPU rows) for every sweep CSV under the device folders of `results_dir` with rows timed on a
+    GPU."""
     found = []
-    for csv_path in sorted(Path(results_dir).glob("*/*.csv")):
+    for csv_path in sorted(Path(results_dir).glob("*/**/*.csv")):
         try:
             rows = [r for r in read_rows(csv_path) if r["timing"] == CUDA_EVENTS]
         except ResultsError:  # other tables (the traffic audit, step rows) live beside the sweeps
@@ -35,9 +41,37 @@ def gpu_sweeps(results_dir: Path) -> list[tuple[Path, list[dict]]]:
     return found
 
 
-def _provenance(folder: Path) -> dict:
-    path = folder / "provenance.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+@dataclass
+class Run:
+    """One GPU sweep and the folder it lies in."""
+
+    csv_path: Path
+    rows: list[dict]
+
+    @property
+    def measured(self) -> str:
+        return max(r["timestamp"] for r in self.rows)
+
+
+def runs_per_device(results_dir: Path) -> dict[str, list[Run]]:
+    """The runs under each device folder of `results_dir`, latest first."""
+    runs: dict[str, list[Run]] = {}
+    for csv_path, rows in gpu_sweeps(results_dir):
+        runs.setdefault(csv_path.relative_to(results_dir).parts[0], []).append(Run(csv_path, rows))
+    return {device: sorted(found, key=lambda run: run.measured, reverse=True) for device, found in sorted(runs.items())}
+
+
+def step_rows(folder: Path) -> tuple[Path, list[dict]] | None:
+    """(CSV, rows timed on a GPU) of the training-step table of `tritonbn-perf step` in `folder`, if any."""
+    for csv_path in sorted(folder.glob("*.csv")):
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not {"variant", "step_ms", "timing"} <= set(reader.fieldnames or ()):
+                continue
+            rows = [r for r in reader if r["timing"] == CUDA_EVENTS]
+        if rows:
+            return csv_path, rows
+    return None
 
 
 def _values(rows, column, order=()) -> str:
@@ -50,22 +84,24 @@ def _link(path: Path, base: Path) -> str:
     return f"[`{relative}`]({relative})"
 
 
-def sweep_section(csv_path: Path, rows: list[dict], readme_dir: Path) -> list[str]:
-    """Markdown for one GPU sweep: provenance, settings and the geomean speedup table."""
-    provenance = _provenance(csv_path.parent)
-    recorded = {r["git_commit"] for r in rows} - {"unknown"}
-    commit = ", ".join(sorted(recorded)) or provenance.get("commit", "unknown")
-    commit_note = "" if recorded or "commit" not in provenance else " (from provenance.json; the CSV has none)"
+def sweep_section(csv_path: Path, rows: list[dict], readme_dir: Path, older: bool = False) -> list[str]:
+    """Markdown for one GPU sweep: provenance, settings, the geomean speedup table and the training steps
+    measured beside it; `older` labels a run that a later one of the same device supersedes."""
+    about = provenance.read(csv_path.parent)
     stamps = sorted(r["timestamp"] for r in rows)
     batches = ", ".join(sorted({r["shape"].split("x")[0] for r in rows}, key=int))
     first = rows[0]
-    lines = [f"#### {_values(rows, 'device')}: {provenance.get('label', 'measurement')}", ""]
+    heading = f"##### {_values(rows, 'device')}, older run of {stamps[-1][:10]}" if older else \
+        f"#### {_values(rows, 'device')}"
+    lines = [f"{heading}: {about.get('label', 'measurement')}", ""]
+    if older:
+        lines += ["Superseded by the later run above; kept as history, to compare with.", ""]
     report = csv_path.parent / "report.md"
     lines += [
         f"- Data: {_link(csv_path, readme_dir)} ({len(rows)} rows)"
         + (f"; report and plots: {_link(report, readme_dir)}" if report.exists() else ""),
-        f"- tritonbn commit {commit}{commit_note}; torch {first['torch']}, triton {first['triton']}, cuDNN "
-        f"{first['cudnn']}; measured {stamps[0]}" + (f" to {stamps[-1]}" if stamps[-1] != stamps[0] else ""),
+        f"- tritonbn commit {provenance.commit(rows, about)}; torch {first['torch']}, triton {first['triton']}, "
+        f"cuDNN {first['cudnn']}; measured {stamps[0]}" + (f" to {stamps[-1]}" if stamps[-1] != stamps[0] else ""),
         f"- Swept: presets {_values(rows, 'preset')}, batch {batches}, {_values(rows, 'dtype')}, "
         f"{_values(rows, 'layout')}, activation {_values(rows, 'activation')}, modes "
         f"{_values(rows, 'mode', MODES)}; backends {_values(rows, 'backend', BACKENDS)}",
@@ -82,20 +118,43 @@ def sweep_section(csv_path: Path, rows: list[dict], readme_dir: Path) -> list[st
     keep = [i for i in range(len(columns)) if any(row[2 + i] != "n/a" for row in body)]
     header = ["mode", "backend", *(f"{columns[i][0]} speedup vs {columns[i][1]}" for i in keep), "configs"]
     body = [[row[0], row[1], *(row[2 + i] for i in keep), row[-1]] for row in body]
-    return lines + table(header, body) + [""]
+    lines += table(header, body) + [""]
+    steps = step_rows(csv_path.parent)
+    return lines + ([] if steps is None else step_section(*steps, readme_dir))
+
+
+def step_section(csv_path: Path, rows: list[dict], readme_dir: Path) -> list[str]:
+    """Markdown for the training steps of `tritonbn-perf step` measured in the same run."""
+    plot = csv_path.with_suffix(".png")
+    lines = [f"Training step of the same run (`tritonbn-perf step`, {rows[0]['model']}: forward, backward and SGD; "
+             f"e2e, CUDA events; the cudagraphs variants replay it as CUDA graphs, which removes the host's "
+             f"time): {_link(csv_path, readme_dir)}" + (f", plot {_link(plot, readme_dir)}" if plot.exists() else ""),
+             ""]
+    body = [[r["batch"], f"{r['dtype']} {r['layout']}", r["variant"], fmt(float(r["step_ms"]), ".4g"),
+             fmt(float(r["speedup_vs_eager"])), fmt(float(r["bn_act_share_pct"]), ".3g")]
+            for r in rows if r["status"] == "ok"]
+    skipped = [f"{r['variant']} ({r['status']})" for r in rows if r["status"] != "ok"]
+    lines += table(["batch", "precision", "variant", "step ms", "vs eager", "BN + act share of the step %"], body)
+    return lines + (["", f"Not measured: {'; '.join(skipped)}."] if skipped else []) + [""]
 
 
 def results_block(results_dir: Path, readme_dir: Path) -> str:
-    sweeps = gpu_sweeps(results_dir)
+    runs = runs_per_device(results_dir)
     lines = [BEGIN, ""]
-    if not sweeps:
+    if not runs:
         lines += [f"No GPU results under `{Path(os.path.relpath(results_dir, readme_dir)).as_posix()}/` yet.", ""]
     else:
         lines += ["Geometric means over the swept configurations; above 1 means tritonbn (or the named backend) "
-                  "is faster. *e2e*: each call timed with its host stalls (CUDA events); *device*: the device's "
-                  "time alone (CUDA-graph replay), where the CSV has it.", ""]
-        for csv_path, rows in sweeps:
-            lines += sweep_section(csv_path, rows, readme_dir)
+                  "is faster. *e2e* (end to end): each call timed with its host stalls (CUDA events); *device*: "
+                  "the device's time alone (CUDA-graph replay), where the CSV has it. Per device the latest run "
+                  "comes first; older runs follow under *History*.", ""]
+        for found in runs.values():
+            latest, *older = found
+            lines += sweep_section(latest.csv_path, latest.rows, readme_dir)
+            if older:
+                lines += [f"#### History: older runs on {_values(latest.rows, 'device')}", ""]
+            for run in older:
+                lines += sweep_section(run.csv_path, run.rows, readme_dir, older=True)
     return "\n".join(lines + [END])
 
 

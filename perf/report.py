@@ -2,14 +2,16 @@
 
 CSVs taken on a CPU (interpreter or reference timings) are reported with a warning at the top of
 report.md and on every plot: such numbers show that the harness works, not how fast anything is. CSVs
-from before the harness split e2e time into device and host time get the e2e parts only.
+from before the harness split e2e time into device and host time get the e2e parts only. report.md says
+which of its numbers and plots are end to end and which device-only, and takes the package's commit
+from a provenance.json beside the CSV where the CSV has none.
 """
 
 import math
 from collections import Counter
 from pathlib import Path
 
-from . import plots
+from . import plots, provenance
 from .bandwidth import floor_passes
 from .constants import BASELINES, MODES, TIME_KINDS
 from .results import read_rows
@@ -89,7 +91,7 @@ def _bound_lines(rows) -> list[str]:
 def _slowest_lines(rows, count=10) -> list[str]:
     picked = sorted((r for r in measured(rows) if r["backend"] == "tritonbn"
                      and math.isfinite(r["e2e_speedup_vs_eager"])), key=lambda r: r["e2e_speedup_vs_eager"])[:count]
-    lines = ["## Slowest shapes", "", "tritonbn's configurations with the lowest e2e speedup over eager.", ""]
+    lines = ["## Slowest shapes", "", "tritonbn's configurations with the lowest end-to-end speedup over eager.", ""]
     if not picked:
         return lines + ["No tritonbn row with an eager counterpart."]
     split = has_split(rows)
@@ -149,7 +151,6 @@ def _header_lines(rows, csv_path) -> list[str]:
                   f"(`timing = {labels}`): the Triton kernels ran under the interpreter or the PyTorch "
                   "reference path. They show that the harness and the kernels work; only a GPU run "
                   "(`timing = cuda-events`) measures speed.", ""]
-    commits = ", ".join(sorted({r["git_commit"] for r in rows}))
     stamps = sorted(r["timestamp"] for r in rows)
     methods = Counter(r["device_method"] for r in rows if r["device_method"])
     device_time = ", ".join(f"{m} ({n} rows)" for m, n in methods.most_common()) or "not measured in this CSV"
@@ -157,7 +158,7 @@ def _header_lines(rows, csv_path) -> list[str]:
         f"- Source: `{Path(csv_path).name}` ({len(rows)} rows)",
         f"- Device: {', '.join(sorted({r['device'] for r in rows}))}",
         f"- Versions: torch {first['torch']}, triton {first['triton']}, cuDNN {first['cudnn']}",
-        f"- Git commit: {commits}",
+        f"- Git commit: {provenance.commit(rows, provenance.read(Path(csv_path).parent))}",
         f"- Measured: {stamps[0]} to {stamps[-1]}",
         f"- Timing (e2e): {labels}; device copy bandwidth measured in the same run: "
         f"{fmt(geomean(r['copy_gbps'] for r in rows))} GB/s",
@@ -166,6 +167,37 @@ def _header_lines(rows, csv_path) -> list[str]:
         "y; bwd: read dy and x, write dx; a residual adds its reads and writes).",
         "",
     ]
+
+
+def _kinds_lines(rows, made: list[tuple[str, str]]) -> list[str]:
+    """Which numbers and plots of the report are end to end, and which device-only."""
+    names = [name for _, name in made]
+
+    def plots_of(prefixes) -> str:
+        found = [f"`{name}`" for name in names if name.startswith(prefixes)]
+        return f"; plots {', '.join(found)}" if found else ""
+
+    lines = ["## End to end or device-only", ""]
+    bandwidth = ("bandwidth",) if plots.bandwidth_kind(rows) == "device" else ()
+    if not has_split(rows):
+        return lines + ["Every timing here is **end to end** (`e2e_ms`: each call timed with its host stalls): "
+                        "this CSV holds no device-only time. Columns *e2e*, *% copy bw (e2e)*"
+                        + plots_of(("speedup_", "bandwidth", "scaling")) + "."]
+    methods = ", ".join(sorted({r["device_method"] for r in rows if r["device_method"]}))
+    lines += [
+        "- **End to end** (`e2e_ms`: each call timed with its host stalls; on a GPU, CUDA events around the "
+        "call): the *e2e* speedup columns, and *tritonbn e2e ms*, *eager e2e ms* and *% copy bw (e2e)* of the "
+        "slowest shapes" + plots_of(("speedup_", "scaling", *({"bandwidth"} - set(bandwidth)))) + ".",
+        f"- **Device-only** (`device_ms`: the device's time alone, by {methods}): the *device* speedup columns"
+        + plots_of(("device_speedup_", *bandwidth)) + ".",
+        "- **Host** (`host_us`: the time the host takes to issue one call): the *bound* column (host where it "
+        "exceeds the device time).",
+    ]
+    overhead = [f"`{name}`" for name in names if name.startswith("overhead_")]
+    if overhead:
+        lines += ["", f"The host-and-device plots ({', '.join(overhead)}) show all three: a bar's height is the "
+                      "e2e time, its solid part the device time, and a mark the host's issue time."]
+    return lines
 
 
 def _plots(rows, out: Path) -> list[tuple[str, str]]:
@@ -194,7 +226,8 @@ def make_report(csv_path, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     made = _plots(rows, out)
-    lines = _header_lines(rows, csv_path) + _summary_lines(rows) + [""] + _bound_lines(rows) + [""]
+    lines = _header_lines(rows, csv_path) + _kinds_lines(rows, made) + [""] + _summary_lines(rows) + [""]
+    lines += _bound_lines(rows) + [""]
     lines += _slowest_lines(rows) + [""] + _floor_lines(rows) + [""] + _problem_lines(rows) + ["", "## Plots", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in made] or ["No plot: nothing measured."]
     report = out / "report.md"

@@ -56,3 +56,48 @@ def fresh_seed():
     torch.manual_seed(seed)
     print(f"seed={seed} (replay with TRITONBN_TEST_SEED={seed})")
     return seed
+
+
+# Tests marked ``timm`` need the real timm package: they run wherever it imports and are deselected (counted
+# as deselected, never as passed or skipped) wherever it does not, and the run's summary says which.  timm
+# needs torchvision, which a CPU build of torch may lack, so being installed is not enough: it must import.
+# Under pytest-xdist the workers collect and the controller prints, so the line travels in workeroutput.
+_TIMM_LINE = pytest.StashKey[str]()
+
+
+def _timm_import() -> tuple[str | None, str]:
+    """(timm's version, "") where it imports, else (None, why not)."""
+    try:
+        import timm
+    except Exception as error:  # noqa: BLE001 -- any failure to import (torchvision's included) means no timm
+        return None, f"{type(error).__name__}: {error}"
+    return timm.__version__, ""
+
+
+def pytest_collection_modifyitems(config, items):
+    needs_timm = [item for item in items if item.get_closest_marker("timm")]
+    if not needs_timm:
+        return
+    version, why = _timm_import()
+    if version is None:
+        items[:] = [item for item in items if not item.get_closest_marker("timm")]
+        config.hook.pytest_deselected(items=needs_timm)
+        line = f"{len(needs_timm)} tests marked timm deselected: timm does not import here ({why})"
+    else:
+        line = f"{len(needs_timm)} tests marked timm collected, to run against timm {version}"
+    if hasattr(config, "workeroutput"):
+        config.workeroutput["timm"] = line
+    else:
+        config.stash[_TIMM_LINE] = line
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    line = getattr(node, "workeroutput", {}).get("timm")
+    if line:
+        node.config.stash[_TIMM_LINE] = line
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if _TIMM_LINE in config.stash:
+        terminalreporter.write_line(config.stash[_TIMM_LINE])

@@ -3,12 +3,13 @@
 Importing it is light: Triton is imported only when a kernel first runs.
 """
 
+# The modules' paths before they moved into tritonbn.conversion, attributes too (``tritonbn.fusion.fuse``).
+from . import fused_graph, fused_sequential, fusion, fx_patterns, hooks, tracing, unfusion  # noqa: F401
 from .backend import cpu_reference, uses_kernels
+from .conversion import FuseReport, fuse, unfuse
 from .functional import batch_norm_act
-from .fusion import FuseReport, fuse
 from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .sync import SyncBatchNormAct, convert_sync_batchnorm
-from .unfusion import unfuse
 from .validation import ACTIVATIONS
 
 __all__ = [

@@ -15,9 +15,9 @@ from fuse_helpers import MODES, DataDependent, assert_same_computation, fused_la
 from torch import nn
 
 import tritonbn
-from tritonbn.fused_sequential import FusedSequential
+from tritonbn.conversion.fused_sequential import FusedSequential
+from tritonbn.conversion.unfusion import BatchNormThenAct2d
 from tritonbn.modules import _BatchNormAct
-from tritonbn.unfusion import BatchNormThenAct2d
 
 
 def conv3x3(in_planes, out_planes, stride=1):
@@ -295,8 +295,10 @@ class Messages(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_report_is_logged():
-    logger, handler = logging.getLogger("tritonbn.fusion"), Messages()
+@pytest.mark.parametrize("name", ["tritonbn.conversion.fusion", "tritonbn.fusion", "tritonbn"])
+def test_report_is_logged(name):
+    """Once per logger, on the module's logger, its parents' and that of its path before the move."""
+    logger, handler = logging.getLogger(name), Messages()
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

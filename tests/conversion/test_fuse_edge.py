@@ -23,8 +23,8 @@ from fuse_helpers import (
 from torch import nn
 
 import tritonbn
-from tritonbn.fused_graph import fused_residual_act
-from tritonbn.fused_sequential import FusedSequential
+from tritonbn.conversion.fused_graph import fused_residual_act
+from tritonbn.conversion.fused_sequential import FusedSequential
 
 
 def is_tritonbn(module):

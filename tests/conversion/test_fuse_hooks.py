@@ -16,7 +16,7 @@ from fuse_helpers import MODES, assert_same_computation, double_output, fused_la
 from torch import nn
 
 import tritonbn
-from tritonbn.fused_sequential import FusedSequential
+from tritonbn.conversion.fused_sequential import FusedSequential
 
 
 def double_output_with_kwargs(module, args, kwargs, output):

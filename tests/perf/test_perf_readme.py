@@ -1,6 +1,7 @@
 """`tritonbn-perf readme`: the README's results block comes from the GPU CSVs under perf/results, not by hand."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,13 @@ def test_committed_block_is_generated_from_perf_results(capsys):
                  str(ROOT / "perf" / "results")]) == 0, capsys.readouterr().out
 
 
-def sweep_row(shape, backend, e2e_ms, device_ms, timing="cuda-events", commit="abc1234"):
+def sweep_row(shape, backend, e2e_ms, device_ms, timing="cuda-events", commit="abc1234",
+              timestamp="2026-12-01T00:00:00"):
     row = dict.fromkeys(results.COLUMNS, "")
     row.update(preset="resnet50", shape=shape, dtype="bf16", layout="nhwc", activation="relu", residual=False,
                mode="fwd", backend=backend, status="ok", ok=True, timing=timing, e2e_ms=e2e_ms,
                device_ms=device_ms, host_us=1.0, device_method="cuda-graph", device="NVIDIA H100 80GB HBM3",
-               torch="2.11.0", triton="3.6.0", cudnn="91900", git_commit=commit, timestamp="2026-12-01T00:00:00")
+               torch="2.11.0", triton="3.6.0", cudnn="91900", git_commit=commit, timestamp=timestamp)
     return row
 
 
@@ -76,3 +78,46 @@ def test_readme_without_the_markers_exits_2(tree, capsys):
     err = capsys.readouterr().err
     assert err.startswith("tritonbn-perf readme: error: ") and "no results block" in err and err.count("\n") == 1
     assert (tree / "README.md").read_text() == "# no block here\n"
+
+
+def test_older_runs_follow_as_history_with_their_provenance(tree):
+    """A run in a folder inside the device's, older than the device folder's own: it comes second, under
+    History, labelled as the older run, with the commit its provenance.json records."""
+    older = tree / "perf" / "results" / "h100" / "first-run"
+    older.mkdir()
+    results.write_rows(older / "sweep.csv", [
+        sweep_row("64x8x4x4", "eager", 1.0, math.nan, commit="unknown", timestamp="2026-01-05T00:00:00"),
+        sweep_row("64x8x4x4", "tritonbn", 4.0, math.nan, commit="unknown", timestamp="2026-01-05T00:00:00")])
+    (older / "provenance.json").write_text(json.dumps({"label": "the first run", "commit": "0123abc"}))
+    assert run_readme(tree) == 0
+    block = readme.split((tree / "README.md").read_text())[1]
+    latest = block.index("#### NVIDIA H100 80GB HBM3: a test run")
+    history = block.index("#### History: older runs on NVIDIA H100 80GB HBM3")
+    first = block.index("##### NVIDIA H100 80GB HBM3, older run of 2026-01-05: the first run")
+    assert latest < history < first
+    old_part = block[first:]
+    assert "[`perf/results/h100/first-run/sweep.csv`](perf/results/h100/first-run/sweep.csv) (2 rows)" in old_part
+    assert "tritonbn commit 0123abc (from provenance.json; the CSV has none)" in old_part
+    assert "| mode | backend | e2e speedup vs eager | configs |" in old_part  # no device time in that run
+    assert "| fwd | tritonbn | 0.25 | 1 |" in old_part
+
+
+def step_row(variant, step_ms, speedup, share, timing="cuda-events", status="ok"):
+    return {"network": "resnet50", "model": "torchvision resnet50", "batch": 64, "dtype": "bf16", "layout": "nhwc",
+            "variant": variant, "status": status, "step_ms": step_ms, "speedup_vs_eager": speedup,
+            "bn_act_share_pct": share, "timing": timing, "git_commit": "unknown"}
+
+
+def test_training_steps_of_a_run(tree):
+    gpu = tree / "perf" / "results" / "h100"
+    results.write_table([step_row("eager", 20.0, 1.0, 50.0), step_row("fused", 25.0, 0.8, 60.0),
+                         step_row("compile", math.nan, math.nan, math.nan, status="skipped: no compiler")],
+                        gpu / "step.csv")
+    results.write_table([step_row("eager", 9.0, 1.0, 50.0, timing="interpreter")],
+                        tree / "perf" / "results" / "cpu" / "step.csv")
+    assert run_readme(tree) == 0
+    block = readme.split((tree / "README.md").read_text())[1]
+    assert "[`perf/results/h100/step.csv`](perf/results/h100/step.csv)" in block
+    assert "| 64 | bf16 nhwc | fused | 25 | 0.8 | 60 |" in block
+    assert "Not measured: compile (skipped: no compiler)." in block
+    assert "| 9 |" not in block  # the CPU's step rows are no GPU result

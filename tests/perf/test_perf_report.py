@@ -62,6 +62,11 @@ def test_bound_table_and_overhead_plot(tiny_csv, tmp_path):
     results.write_rows(path, rows)
     assert main(["report", str(path), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "report.md").read_text()
+    kinds = md.split("## End to end or device-only")[1].split("##")[0]
+    assert "- **End to end** (`e2e_ms`" in kinds and "plots `speedup_fwd.png`, `speedup_fwd_bwd.png`." in kinds
+    assert "- **Device-only** (`device_ms`: the device's time alone, by cuda-graph)" in kinds
+    assert "`device_speedup_fwd.png`, `device_speedup_fwd_bwd.png`, `bandwidth.png`" in kinds
+    assert "The host-and-device plots (`overhead_fp32_nchw.png`) show all three" in kinds
     table = md.split("## Host- or device-bound, per shape")[1].split("##")[0]
     cells = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
     lines = {row[0].strip("| "): row for row in cells}
@@ -102,3 +107,16 @@ def test_csv_from_before_the_device_split(tiny_csv, tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| mode | backend | e2e vs eager | e2e vs compile | configs |" in md
     assert "predates those columns" in md and "Device time: not measured in this CSV" in md
+    assert "Every timing here is **end to end**" in md
+
+
+def test_commit_from_the_provenance_beside_the_csv(tiny_csv, tmp_path):
+    """A run from an exported tree records no commit; provenance.json beside its CSV does."""
+    rows = gpu_like(results.read_rows(tiny_csv), host_bound_shapes=set())
+    for row in rows:
+        row["git_commit"] = "unknown"
+    results.write_rows(tmp_path / "sweep.csv", rows)
+    (tmp_path / "provenance.json").write_text('{"label": "a run", "commit": "ddd3d3b"}')
+    assert main(["report", str(tmp_path / "sweep.csv"), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "- Git commit: ddd3d3b (from provenance.json; the CSV has none)" in md
