@@ -16,6 +16,7 @@ On a CPU nothing runs asynchronously, so the split is made differently and label
   wholly on the CPU: `device_ms` and `host_us` are both its wall time, and `launches` does not apply.
 """
 
+import contextlib
 import math
 import statistics
 import time
@@ -48,6 +49,35 @@ class Breakdown:
 def measure_call(fn: Callable, device: torch.device) -> Breakdown:
     """Time `fn` end to end and split the time into device and host parts (see the module's docstring)."""
     return _cuda(fn, device) if device.type == "cuda" else _cpu(fn)
+
+
+def host_split_us(forward: Callable, backward: Callable, device: torch.device, calls: int = 20,
+                  repeats: int = 5) -> tuple[float, float]:
+    """(forward, backward) host issue time per call, in microseconds: ``calls`` forwards issued back to back
+    without synchronising, then the backward of each (``backward(forward's output)``); medians over
+    ``repeats``. On a CPU the interpreted launches are skipped, as for `host_us`."""
+    cuda = device.type == "cuda"
+    synchronize = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    from tritonbn import backend
+
+    skip = contextlib.nullcontext() if cuda or not backend.kernels_interpreted() else interpreted_launches(False)
+    forward_us, backward_us = [], []
+    with skip:
+        outputs = [forward() for _ in range(2)]  # warm-up
+        for output in outputs:
+            backward(output)
+        for _ in range(repeats):
+            synchronize()
+            start = time.perf_counter()
+            outputs = [forward() for _ in range(calls)]
+            middle = time.perf_counter()
+            for output in outputs:
+                backward(output)
+            end = time.perf_counter()
+            synchronize()
+            forward_us.append((middle - start) / calls * 1e6)
+            backward_us.append((end - middle) / calls * 1e6)
+    return statistics.median(forward_us), statistics.median(backward_us)
 
 
 def _host_issue_us(fn, synchronize, calls: int, repeats: int) -> float:

@@ -103,6 +103,24 @@ def _slowest_lines(rows, count=10) -> list[str]:
                           "e2e speedup", *(["device speedup"] if split else []), "% copy bw (e2e)"], body)
 
 
+def _host_split_lines(rows) -> list[str]:
+    """The host's issue time of a training call split into forward and backward, per backend (fwd_bwd rows)."""
+    picked = [r for r in measured(rows) if r["mode"] == "fwd_bwd" and math.isfinite(r["host_fwd_us"])]
+    lines = ["## Host time per training call: forward and backward", ""]
+    if not picked:
+        return lines + ["No fwd_bwd row with the split (CSVs from before those columns have none)."]
+    lines += ["The host's time to issue one call's forward, and then its backward, without waiting for the device "
+              "(`host_fwd_us`, `host_bwd_us`; on a CPU with the interpreted launches skipped), in microseconds.", ""]
+    backends = [b for b in ("tritonbn", "eager", "compile") if any(r["backend"] == b for r in picked)]
+    groups = {}
+    for r in picked:
+        groups.setdefault((r["shape"], r["dtype"], r["layout"], r["activation"], r["residual"]), {})[r["backend"]] = r
+    body = [[shape, dtype, layout, *(f"{fmt(by[b]['host_fwd_us'], '.1f')} + {fmt(by[b]['host_bwd_us'], '.1f')}"
+                                     if b in by else "" for b in backends)]
+            for (shape, dtype, layout, _, _), by in groups.items()]
+    return lines + table(["shape", "dtype", "layout", *(f"{b} fwd + bwd us" for b in backends)], body)
+
+
 FLOOR_TARGET = 85.0  # % of copy bandwidth over the floor's bytes that the kernels aim at (device time)
 FLOOR_MIN_BYTES = 32 * 2**20  # the target applies to tensors past the L2 cache
 
@@ -227,7 +245,7 @@ def make_report(csv_path, out_dir) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     made = _plots(rows, out)
     lines = _header_lines(rows, csv_path) + _kinds_lines(rows, made) + [""] + _summary_lines(rows) + [""]
-    lines += _bound_lines(rows) + [""]
+    lines += _bound_lines(rows) + [""] + _host_split_lines(rows) + [""]
     lines += _slowest_lines(rows) + [""] + _floor_lines(rows) + [""] + _problem_lines(rows) + ["", "## Plots", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in made] or ["No plot: nothing measured."]
     report = out / "report.md"

@@ -23,18 +23,18 @@ KEY = ("shape", "dtype", "layout", "activation", "residual", "mode", "backend")
 COLUMNS = (
     "preset", "shape", "ndim", "channels", "reduced", "layers", "dtype", "layout", "activation", "residual",
     "mode", "backend", "status", "ok", "err_rel_l2", "err_outliers", "timing", "e2e_ms", "e2e_p20_ms",
-    "e2e_p80_ms", "device_method", "device_ms", "host_us", "launches", "min_bytes", "gbps", "device_gbps",
-    "copy_gbps", "pct_copy_bw", "device_pct_copy_bw", "floor_bytes", "device_pct_floor", "peak_mem_bytes",
-    "saved_bytes", "saved_extra_bytes", "e2e_speedup_vs_eager", "e2e_speedup_vs_compile",
-    "device_speedup_vs_eager", "device_speedup_vs_compile", "device", "torch", "triton", "cudnn", "git_commit",
-    "timestamp",
+    "e2e_p80_ms", "device_method", "device_ms", "host_us", "host_fwd_us", "host_bwd_us", "launches",
+    "min_bytes", "gbps", "device_gbps", "copy_gbps", "pct_copy_bw", "device_pct_copy_bw", "floor_bytes",
+    "device_pct_floor", "peak_mem_bytes", "saved_bytes", "saved_extra_bytes", "e2e_speedup_vs_eager",
+    "e2e_speedup_vs_compile", "device_speedup_vs_eager", "device_speedup_vs_compile", "device", "torch",
+    "triton", "cudnn", "git_commit", "timestamp",
 )
 NUMERIC = (
     "ndim", "channels", "reduced", "layers", "err_rel_l2", "err_outliers", "e2e_ms", "e2e_p20_ms", "e2e_p80_ms",
-    "device_ms", "host_us", "launches", "min_bytes", "gbps", "device_gbps", "copy_gbps", "pct_copy_bw",
-    "device_pct_copy_bw", "floor_bytes", "device_pct_floor", "peak_mem_bytes", "saved_bytes", "saved_extra_bytes",
-    "e2e_speedup_vs_eager",
-    "e2e_speedup_vs_compile", "device_speedup_vs_eager", "device_speedup_vs_compile",
+    "device_ms", "host_us", "host_fwd_us", "host_bwd_us", "launches", "min_bytes", "gbps", "device_gbps",
+    "copy_gbps", "pct_copy_bw", "device_pct_copy_bw", "floor_bytes", "device_pct_floor", "peak_mem_bytes",
+    "saved_bytes", "saved_extra_bytes", "e2e_speedup_vs_eager", "e2e_speedup_vs_compile",
+    "device_speedup_vs_eager", "device_speedup_vs_compile",
 )
 # Old name -> new name, for CSVs written before e2e and device time were told apart.
 RENAMED = {"median_ms": "e2e_ms", "p20_ms": "e2e_p20_ms", "p80_ms": "e2e_p80_ms",

@@ -16,7 +16,7 @@ import torch
 
 from . import bandwidth, checks, results
 from .backends import Backend, eager_batch_norm_act
-from .breakdown import measure_call
+from .breakdown import host_split_us, measure_call
 from .constants import DTYPES
 from .shapes import ShapeCase
 from .timing import timing_label
@@ -109,6 +109,9 @@ class Call:
         if self.cfg.mode == "bwd":
             self.y = self.forward()
 
+    def backward(self, y):
+        return torch.autograd.grad(y, self.leaves, self.dy)
+
     def step(self):
         mode = self.cfg.mode
         if mode == "eval":
@@ -181,7 +184,8 @@ def peak_memory(call: Call, device: torch.device) -> float:
 
 
 # The numeric columns `measure_backend` fills; NaN in rows it could not measure.
-MEASURED = ("err_rel_l2", "err_outliers", "e2e_ms", "e2e_p20_ms", "e2e_p80_ms", "device_ms", "host_us", "launches",
+MEASURED = ("err_rel_l2", "err_outliers", "e2e_ms", "e2e_p20_ms", "e2e_p80_ms", "device_ms", "host_us", "host_fwd_us",
+            "host_bwd_us", "launches",
             "peak_mem_bytes", "saved_bytes", "saved_extra_bytes")
 
 
@@ -196,6 +200,9 @@ def measure_backend(backend: Backend, cfg: Config, inputs: dict, reference: dict
         call = Call(backend, cfg, inputs)
         call.prepare()
         split = measure_call(call.step, device)
+        host_fwd = host_bwd = math.nan
+        if cfg.mode == "fwd_bwd":  # the host's time split into the forward and its backward
+            host_fwd, host_bwd = host_split_us(call.forward, call.backward, device)
         peak = peak_memory(call, device)
         saved, saved_extra = saved_for_backward(Call(backend, cfg, inputs))
     except torch.cuda.OutOfMemoryError:
@@ -208,6 +215,7 @@ def measure_backend(backend: Backend, cfg: Config, inputs: dict, reference: dict
     return {"status": status, "ok": verdict.ok, "err_rel_l2": verdict.rel_l2, "err_outliers": verdict.outliers,
             "e2e_ms": split.e2e_ms, "e2e_p20_ms": split.e2e_p20_ms, "e2e_p80_ms": split.e2e_p80_ms,
             "device_method": split.device_method, "device_ms": split.device_ms, "host_us": split.host_us,
+            "host_fwd_us": host_fwd, "host_bwd_us": host_bwd,
             "launches": split.launches, "peak_mem_bytes": peak, "saved_bytes": saved,
             "saved_extra_bytes": saved_extra}
 

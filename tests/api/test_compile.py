@@ -96,6 +96,7 @@ def test_fullgraph_matches_eager(device, backend, training):
     assert int(model.bn1.num_batches_tracked) == (2 if training else 0)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("training", [pytest.param(True, id="train"), pytest.param(False, id="eval")])
 def test_no_graph_breaks_and_kernel_ops_in_the_graph(device, training):
     torch._dynamo.reset()

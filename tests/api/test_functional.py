@@ -50,6 +50,7 @@ def test_supported_activations():
     assert set(ACTIVATIONS) <= set(tritonbn.ACTIVATIONS)
 
 
+@pytest.mark.kernels
 def test_the_suite_runs_the_kernels(device):
     """Without this the suite would silently test the PyTorch fallback instead of the kernels: CUDA tensors
     always run them, CPU tensors under the interpreter (which conftest.py switches on without CUDA)."""

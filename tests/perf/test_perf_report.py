@@ -41,6 +41,8 @@ def test_report_files(tiny_csv, tmp_path):
     assert "| fwd | tritonbn |" in md and "| fwd_bwd | tritonbn |" in md
     assert "| mode | backend | e2e vs eager | e2e vs compile | device vs eager | device vs compile | configs |" in md
     assert "## Host- or device-bound, per shape" in md and "## Slowest shapes" in md
+    assert "## Host time per training call: forward and backward" in md
+    assert "## Against the memory floor (device time)" in md
     for name in pngs:
         assert f"]({name})" in md
 

@@ -92,6 +92,9 @@ def test_device_and_host_split(tiny_csv):
             assert row["device_method"] == "reference"
             assert row["device_ms"] == row["e2e_ms"] and row["host_us"] == pytest.approx(row["e2e_ms"] * 1e3)
             assert math.isnan(row["launches"])
+    for row in rows:  # the host's time of a training call, split into its forward and backward
+        split = (row["host_fwd_us"], row["host_bwd_us"])
+        assert all(v > 0 for v in split) if row["mode"] == "fwd_bwd" else all(math.isnan(v) for v in split)
     if interpreted:
         launches = {(r["shape"], r["mode"]): r["launches"] for r in rows if r["backend"] == "tritonbn"}
         for shape in {shape for shape, _ in launches}:
