@@ -1,4 +1,4 @@
-"""`tritonbn-perf`: sweep, report, traffic, step, impact, readme, tune and compile-check subcommands.
+"""`tritonbn-perf`: sweep, report, traffic, step, impact, readme, tune, compile-check and host-floor subcommands.
 
 A bad flag or value, an output that cannot be written or an input CSV that cannot be used ends with one
 line on stderr and exit status 2, never a traceback. Outputs are checked before anything is measured, so
@@ -171,10 +171,18 @@ def _add_compile_check(sub):
     p.add_argument("--layout", type=_choices(LAYOUTS, "layout"), default=list(LAYOUTS))
 
 
+def _add_host_floor(sub):
+    p = sub.add_parser("host-floor", help="host time per training call: eager, the floor of any autograd.Function "
+                                          "design, and tritonbn (on a CPU with every launch skipped)")
+    _add_device(p)
+    p.add_argument("--calls", type=_positive, default=2000, help="calls per timed batch")
+    p.add_argument("--batches", type=_positive, default=9, help="interleaved batches per way")
+
+
 def build_parser(command: str | None) -> Parser:
     parser = Parser(prog="tritonbn-perf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{sweep,report,traffic,step,impact,readme,tune,compile-check}")
+                                metavar="{sweep,report,traffic,step,impact,readme,tune,compile-check,host-floor}")
     _add_sweep(sub)
     _add_report(sub)
     _add_traffic(sub)
@@ -187,6 +195,7 @@ def build_parser(command: str | None) -> Parser:
     _add_readme(sub)
     _add_tune(sub)
     _add_compile_check(sub)
+    _add_host_floor(sub)
     return parser
 
 
@@ -392,8 +401,20 @@ def _compile_check(args):
     return 1 if report["failures"] else 0
 
 
+def _host_floor(args):
+    device = _device(args.device)
+    from . import host_floor
+
+    try:
+        rows = host_floor.measure(device, args.calls, args.batches)
+    except host_floor.NoKernelPath as exc:
+        raise UsageError(str(exc)) from None
+    print(host_floor.format_table(rows, device))
+    return 0
+
+
 COMMANDS = {"sweep": _sweep, "report": _report, "traffic": _traffic, "step": _step, "impact": _impact,
-            "readme": _readme, "tune": _tune, "compile-check": _compile_check}
+            "readme": _readme, "tune": _tune, "compile-check": _compile_check, "host-floor": _host_floor}
 
 
 def main(argv=None) -> int:

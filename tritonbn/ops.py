@@ -13,6 +13,7 @@ module registers the custom ops; it imports no Triton until an op runs.
 import torch
 from torch import Tensor
 
+from .backend import kernels_interpreted
 from .plans import plan_for
 from .reference import compute_dtype, output_dtype
 
@@ -67,10 +68,11 @@ def _(grad_output, input, stats, weight, bias, residual, running_mean, running_v
 
 
 def kernel_ops(input: Tensor):
-    """(forward op, backward op) that torch.compile traces for a call on ``input``: on a GPU (any device but the
-    CPU) the triton ops, whose kernels Inductor launches itself; on a CPU, where the kernels run under Triton's
-    interpreter, the custom ops above, which run eager's plans."""
-    if input.device.type != "cpu":
+    """(forward op, backward op) that torch.compile traces for a call on ``input``: where the kernels are
+    compiled (a GPU) the triton ops, whose kernels Inductor launches itself; where they run under Triton's
+    interpreter (a CPU, or any device with TRITON_INTERPRET set), the custom ops above, which run eager's
+    plans: Inductor cannot launch an interpreted kernel."""
+    if input.device.type != "cpu" and not kernels_interpreted():
         from . import triton_ops  # noqa: F401  defines the ops; it imports Triton, so only now
 
         return torch.ops.tritonbn.forward_kernels, torch.ops.tritonbn.backward_kernels

@@ -44,8 +44,10 @@ def plan_for(input, weight, bias, residual, running_mean, running_var, training,
 
 
 def clear() -> None:
-    """Forget every plan (a configuration override, say, should take effect for shapes planned already)."""
+    """Forget every plan, eager's and torch.compile's (a configuration override, say, should take effect for
+    shapes planned already)."""
     _PLANS.clear()
+    _TRACED_PLANS.clear()
 
 
 class StaticLayout:
@@ -80,6 +82,8 @@ def traced_plan(input, weight, bias, residual, running_mean, running_var, traini
     plan_key = key(x, w, b, r, rm, rv, training, activation)
     plan = _TRACED_PLANS.get(plan_key)
     if plan is None:
+        if len(_TRACED_PLANS) >= _MAX_PLANS:
+            _TRACED_PLANS.clear()
         plan = _TRACED_PLANS[plan_key] = kernels.ForwardPlan(x, w, b, r, rm, training, REGISTRY[activation].kernel_id,
                                                              cooperative=False)
         plan.activation = activation

@@ -1,8 +1,9 @@
 """torch.compile(fullgraph=True) of fused models: no graph break, and the same results as eager.
 
-The tests run on the suite's device: on CUDA the compiled kernels, on CPU the kernels under the
-interpreter, inside the custom ops either way. The "eager" and "aot_eager" backends keep compilation fast,
-and one test goes through the default inductor backend.
+The tests run on the suite's device: on CUDA the compiled kernels inside the triton ops (whose kernels Inductor
+launches itself), on CPU the kernels under the interpreter inside the custom ops that run eager's plans (trace
+checks of the triton ops on a CPU: test_triton_ops.py). The "eager" and "aot_eager" backends keep compilation
+fast; two tests go through the default inductor backend, one of them under CUDA graphs.
 """
 
 import copy
@@ -165,3 +166,55 @@ def test_inductor_training_step(device):
     torch.testing.assert_close(layer.state_dict(), eager.state_dict())
     # Inductor learnt which arguments each kernel writes (else it copies every input around the kernels).
     assert not any("assuming every input is mutated" in line for line in log.lines), log.lines
+
+
+def test_interpreted_kernels_reach_compile_through_the_custom_ops(monkeypatch):
+    """Inductor cannot launch an interpreted kernel: the triton ops are traced only where the kernels are
+    compiled, whatever the device (a CUDA tensor with TRITON_INTERPRET set takes the custom ops too)."""
+    x = torch.empty(2, 3, 4, 4, device="meta")
+    monkeypatch.setattr(tritonbn.ops, "kernels_interpreted", lambda: True)
+    assert tritonbn.ops.kernel_ops(x) == (torch.ops.tritonbn.forward, torch.ops.tritonbn.backward)
+    monkeypatch.setattr(tritonbn.ops, "kernels_interpreted", lambda: False)
+    assert tritonbn.ops.kernel_ops(x) == (torch.ops.tritonbn.forward_kernels, torch.ops.tritonbn.backward_kernels)
+    assert tritonbn.ops.kernel_ops(torch.empty(2, 3, 4, 4))[0] == torch.ops.tritonbn.forward
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_reduce_overhead_training_steps_match_eager():
+    """mode="reduce-overhead": forward and backward replayed from CUDA graphs, the running statistics updated
+    once per step, every result equal to eager fused, and no step left out of the graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = fused_block("cuda")
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with LogLines("torch._dynamo", "torch._inductor") as log:
+        for _ in range(4):  # warm-up, recording, then replays
+            x = torch.randn(2, 3, 6, 6, dtype=torch.float64, device="cuda")
+            dy = torch.randn_like(x)
+            results = []
+            for module in (compiled, eager):
+                module.zero_grad(set_to_none=True)
+                x_in = x.clone().requires_grad_()
+                y = module(x_in)
+                y.backward(dy)
+                # Clones: a later replay reuses the graphs' output memory.
+                grads = {name.removeprefix("_orig_mod."): p.grad.clone() for name, p in module.named_parameters()}
+                results.append((y.detach().clone(), x_in.grad.clone(), grads))
+            torch.testing.assert_close(*results)
+    torch.testing.assert_close(model.state_dict(), eager.state_dict())
+    assert counters["inductor"]["cudagraph_skips"] == 0, log.lines
+    assert not any("assuming every input is mutated" in line for line in log.lines), log.lines
+
+
+def test_clear_forgets_the_plans_compile_traced_too():
+    """plans.clear() (after a configuration override, say) reaches torch.compile's plans as well as eager's."""
+    from tritonbn import plans
+
+    x = torch.empty(2, 3, 4, 4, device="meta")
+    first = plans.traced_plan(x, None, None, None, None, None, True, "relu")
+    assert plans.traced_plan(x, None, None, None, None, None, True, "relu") is first
+    plans.clear()
+    assert plans.traced_plan(x, None, None, None, None, None, True, "relu") is not first
