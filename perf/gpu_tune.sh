@@ -7,8 +7,10 @@
 #    importance (bf16 channels_last first) until its budget is spent.
 # 2. `tritonbn-perf sweep` with the new table against eager (cuDNN) and torch.compile: device and e2e time, the
 #    share of copy bandwidth over the memory floor.
+# 3. `tritonbn-perf host-floor` on CUDA (about 15 s): host time per training call of eager, of an
+#    autograd.Function that only allocates what a fused call allocates, of tritonbn and of its launches alone.
 # Files to commit land in $OUT (default perf/results/<device>/): tuning.json (also written to kernels/), tune.csv,
-# sweep.csv, and gpu_tune.log. Then, on any machine: `tritonbn-perf report $OUT/sweep.csv --out $OUT`.
+# sweep.csv, host_floor.txt and gpu_tune.log. Then, on any machine: `tritonbn-perf report $OUT/sweep.csv --out $OUT`.
 # It installs nothing: like ../shared/gpu/check.sh it runs the working tree's packages from a copy on PYTHONPATH.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -41,5 +43,7 @@ CLI="python3 -m tritonbn.perf.cli"
   timeout $((SWEEP_BUDGET + 60)) $CLI sweep --preset resnet50 --batch 64 --dtype bf16,fp32 --layout nhwc,nchw \
     --mode fwd_bwd,eval --backend tritonbn,eager,compile --budget-s "$SWEEP_BUDGET" --no-progress \
     --out "$OUT/sweep.csv" || echo "sweep rc=$?"
+  echo "== host-floor $(date +%T)"
+  timeout 120 $CLI host-floor --device cuda --calls 500 --batches 9 | tee "$OUT/host_floor.txt" || echo "host-floor rc=$?"
   echo "== done $(date +%T)"
 } 2>&1 | tee "$OUT/gpu_tune.log"
