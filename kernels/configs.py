@@ -43,6 +43,11 @@ _CPU_PROGRAMS = 24
 # programs per multiprocessor for the looped variants.
 _GPU_TILE_BYTES = 16384
 _GPU_PROGRAMS_PER_SM = 2
+# The most bytes of its tile a thread of a candidate may hold: ptxas -v for sm_90 (triton 3.6 and 3.9,
+# `tritonbn-perf compile-check --resources`) shows backward's partials kernels spilling kilobytes a thread
+# beyond it (bf16 channels_last 128x128 with 4 warps, 256 bytes a thread: 11 KB of spill stores; fp32 NCHW 8192
+# with 4 warps, 256 bytes: 1.5 KB) and at most a few hundred bytes at it.
+MAX_TILE_BYTES_PER_THREAD = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +122,18 @@ def heuristic(direction: str, dtype: torch.dtype, layout: str, N: int, C: int, S
 
 
 _OVERRIDE = contextvars.ContextVar("tritonbn_config_override", default=None)
+_AS_GPU = contextvars.ContextVar("tritonbn_plan_as_gpu", default=False)
+
+
+@contextlib.contextmanager
+def as_gpu():
+    """Inside the block, calls on any device get the heuristic's GPU configuration (`tritonbn-perf compile-check`
+    compiles for a GPU what the plans of CPU tensors would launch there)."""
+    token = _AS_GPU.set(True)
+    try:
+        yield
+    finally:
+        _AS_GPU.reset(token)
 
 
 @contextlib.contextmanager
@@ -136,7 +153,7 @@ def choose(direction: str, dtype: torch.dtype, layout: str, N: int, C: int, S: i
     if forced is not None:
         return forced
     config = table_entry(gpu_name(device), direction, dtype, layout, C, N * S)
-    return config or heuristic(direction, dtype, layout, N, C, S, device.type == "cuda")
+    return config or heuristic(direction, dtype, layout, N, C, S, device.type == "cuda" or _AS_GPU.get())
 
 
 def candidates(direction: str, dtype: torch.dtype, layout: str, N: int, C: int, S: int,
@@ -147,16 +164,18 @@ def candidates(direction: str, dtype: torch.dtype, layout: str, N: int, C: int, 
     on_gpu = multiprocessors is not None
     base = heuristic(direction, dtype, layout, N, C, S, on_gpu)
     found = [base]
+    itemsize = torch.empty((), dtype=dtype).element_size()
 
     def add(**changes):
         try:
             config = dataclasses.replace(base, **changes)
         except ValueError:
             return
+        if config.block_r * config.block_c * itemsize > MAX_TILE_BYTES_PER_THREAD * 32 * config.num_warps:
+            return  # it would spill (see MAX_TILE_BYTES_PER_THREAD): slower than its neighbours, not worth timing
         if config not in found:
             found.append(config)
 
-    itemsize = torch.empty((), dtype=dtype).element_size()
     for warps in (4, 8):
         add(num_warps=warps, block_r=base.block_r * 2)
         add(num_warps=warps, block_r=max(base.block_s, base.block_r // 2))

@@ -169,6 +169,8 @@ def _add_compile_check(sub):
     p.add_argument("--multiprocessors", type=_positive, default=132, help="SMs of the GPU the plans are for")
     p.add_argument("--dtype", type=_choices(tuple(DTYPES), "dtype"), default=list(DTYPES))
     p.add_argument("--layout", type=_choices(LAYOUTS, "layout"), default=list(LAYOUTS))
+    p.add_argument("--resources", default=None, metavar="CSV",
+                   help="also run ptxas -v on every distinct kernel and write its registers and spills here")
 
 
 def _add_host_floor(sub):
@@ -388,16 +390,27 @@ def _tune(args):
 def _compile_check(args):
     if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
         raise UsageError("compile-check compiles the kernels: run it without TRITON_INTERPRET")
+    if args.resources:
+        _writable_file(args.resources, "--resources")
     from . import compile_check
     from .sweep import TORCH_DTYPES
 
     report = compile_check.check(args.arch, args.multiprocessors, tuple(TORCH_DTYPES[d] for d in args.dtype),
-                                 tuple(args.layout), progress=lambda message: print(message, file=sys.stderr))
+                                 tuple(args.layout), progress=lambda message: print(message, file=sys.stderr),
+                                 with_resources=bool(args.resources))
     for failure in report["failures"]:
         print(f"FAILED {failure}")
     print(f"sm_{args.arch}, {args.multiprocessors} SMs: {report['runs']} plan runs, {report['launches']} launches, "
           f"{report['kernels']} distinct kernels compiled ({report['with_vector_loads']} with vector loads), "
           f"{len(report['failures'])} failures, {report['seconds']:.0f} s")
+    if args.resources:
+        from .results import write_table
+
+        rows = report["resources"]
+        spilling = [row for row in rows if row["spill_stores"] or row["spill_loads"]]
+        print(f"ptxas: {len(rows)} kernels, at most {max((r['registers'] for r in rows), default=0)} registers a "
+              f"thread, {len(spilling)} spilling; wrote {args.resources}")
+        write_table(rows, args.resources)
     return 1 if report["failures"] else 0
 
 

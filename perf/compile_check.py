@@ -8,11 +8,18 @@ launch) under a stand-in driver that names the compile target. What this proves:
 the target with this Triton, with the argument count and specialization a real launch has. What it cannot:
 that the kernels run correctly or fast there (the suite checks the first under the interpreter; a GPU run the
 second). It needs compiled kernels: run it without TRITON_INTERPRET.
+
+``resources`` adds what ptxas itself reports of each compiled kernel (registers and spill bytes per thread): the
+one view of a kernel's cost on the device that needs no GPU, and the reason for the candidates' per-thread tile limit
+(kernels/configs.py).
 """
 
 import contextlib
 import re
+import subprocess
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -52,7 +59,7 @@ def gpu_target(arch: int, multiprocessors: int):
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
-    from tritonbn.kernels import launch, plan
+    from tritonbn.kernels import configs, launch, plan
 
     compiled = []
 
@@ -66,7 +73,8 @@ def gpu_target(arch: int, multiprocessors: int):
     launch.Launcher.__call__ = warmup
     plans.clear()
     try:
-        yield compiled
+        with configs.as_gpu():  # the heuristic's GPU tiles, not the interpreter's, where no configuration is given
+            yield compiled
     finally:
         plan.multiprocessors, launch.Launcher.__call__ = saved
         driver.set_active(previous)
@@ -136,8 +144,55 @@ def _runs(dtypes, formats, multiprocessors):
                             yield shape, dtype, fmt, activation, None, residual, NEEDS
 
 
-def check(arch=90, multiprocessors=132, dtypes=DTYPES, formats=("nchw", "nhwc"), progress=print) -> dict:
-    """Compile every specialization; return counts, failures and how many kernels' PTX has vector loads."""
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton ships and compiles with."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(arch).path
+
+
+def _ptxas_report(ptxas: str, ptx: str) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) per thread, as ptxas -v reports them for ``ptx``."""
+    target = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        log = subprocess.run([ptxas, "-v", f"--gpu-name={target}", source.name, "-o", "/dev/null"],
+                             capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(registers.group(1)) if registers else 0, *(int(v) for v in (spills.groups() if spills else (0, 0))))
+
+
+def _constants(kernel) -> dict:
+    """A compiled kernel's constexpr arguments by name (Triton keys them by name or by (index,))."""
+    names = list(kernel.src.signature)
+    return {key if isinstance(key, str) else names[key[0]]: value for key, value in kernel.src.constants.items()}
+
+
+def resources(kernels, arch: int, workers: int = 2) -> list[dict]:
+    """One row per distinct kernel: its tile (constexprs), warps, the pointer dtype of its first argument, elements
+    a thread holds per tile, and the registers and spill bytes per thread ptxas reports for it."""
+    ptxas = _ptxas(arch)
+    kernels = list({kernel.hash: kernel for kernel in kernels}.values())
+    with ThreadPoolExecutor(workers) as pool:
+        reports = list(pool.map(lambda kernel: _ptxas_report(ptxas, kernel.asm["ptx"]), kernels))
+    rows = []
+    for kernel, (registers, spill_stores, spill_loads) in zip(kernels, reports):
+        const, warps = _constants(kernel), kernel.metadata.num_warps
+        tile = const.get("BLOCK_R", 1) * const.get("BLOCK_C", 1)
+        rows.append({"kernel": kernel.name, "dtype": next(iter(kernel.src.signature.values())).lstrip("*"),
+                     "phase": const.get("PHASE"), "layout": const.get("LAYOUT"), "block_r": const.get("BLOCK_R"),
+                     "block_c": const.get("BLOCK_C"), "block_s": const.get("BLOCK_S"), "num_warps": warps,
+                     "elements_per_thread": tile // (32 * warps), "registers": registers,
+                     "spill_stores": spill_stores, "spill_loads": spill_loads})
+    return rows
+
+
+def check(arch=90, multiprocessors=132, dtypes=DTYPES, formats=("nchw", "nhwc"), progress=print,
+          with_resources=False) -> dict:
+    """Compile every specialization; return counts, failures, how many kernels' PTX has vector loads and, with
+    ``with_resources``, every distinct kernel's registers and spills (``resources``)."""
     from tritonbn import backend
 
     if backend.kernels_interpreted():
@@ -156,5 +211,10 @@ def check(arch=90, multiprocessors=132, dtypes=DTYPES, formats=("nchw", "nhwc"),
                          f"{time.perf_counter() - started:.0f} s")
     kernels = {id(k): k for k in compiled if k is not None}.values()
     vector_loads = sum(bool(re.search(r"ld\.global(\.\w+)*\.v[248]", k.asm["ptx"])) for k in kernels)
-    return {"runs": len(runs), "launches": len(compiled), "kernels": len(kernels),
-            "with_vector_loads": vector_loads, "failures": failures, "seconds": time.perf_counter() - started}
+    report = {"runs": len(runs), "launches": len(compiled), "kernels": len(kernels),
+              "with_vector_loads": vector_loads, "failures": failures}
+    if with_resources:
+        progress(f"ptxas -v on {len(kernels)} kernels")
+        report["resources"] = resources(kernels, arch)
+    report["seconds"] = time.perf_counter() - started
+    return report

@@ -14,6 +14,7 @@ import torch
 from tritonbn.kernels import configs
 from tritonbn.perf import bandwidth, tune
 from tritonbn.perf.cli import main
+from tritonbn.perf.shapes import preset_shapes
 
 
 def test_tune_on_a_cpu_checks_every_candidate_a_gpu_would_time(tmp_path, device):
@@ -89,6 +90,55 @@ print(len(compiled), len(kernels), sum(bool(k.metadata.launch_cooperative_grid) 
     # Training forward, its backward and eval's backward (which sums for the weight gradient): one cooperative
     # launch each, spinning on an acquire load at the barrier; eval forward: one ordinary launch.
     assert launches == kernels == 4 and with_barrier == 3
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="no torch.library.triton_op")
+def test_compile_check_plans_gpu_tiles_and_reports_registers_and_spills():
+    """Without a configuration, compile-check compiles what the heuristic picks on a GPU (128-channel bf16 rows,
+    not the interpreter's 16), and ptxas's report tells a spilling tile (128 elements a thread: kilobytes of spill
+    stores in backward's partials on ResNet-50's largest bf16 shape, with triton 3.6 and 3.9) from the
+    heuristic's."""
+    code = """
+import json, torch
+from tritonbn.kernels import configs
+from tritonbn.perf import compile_check
+spilling = configs.KernelConfig("ticket", 128, 128, 1, 4)
+heuristic = 0
+with compile_check.gpu_target(90, 132) as compiled:
+    for config in (None, spilling):
+        compile_check._run_plans((64, 256, 56, 56), torch.bfloat16, "nhwc", "relu", config, True,
+                                 compile_check.NEEDS[1:2])
+        heuristic = heuristic if config else len(compiled)
+rows = compile_check.resources([k for k in compiled if k is not None], 90)
+by_tile = {}
+for row in rows:
+    by_tile.setdefault((row["block_r"], row["block_c"], row["num_warps"]), []).append(row)
+blocks = {compile_check._constants(k)["BLOCK_C"] for k in compiled[:heuristic]}
+spills = max(row["spill_stores"] for row in by_tile[(128, 128, 4)])
+regs = min(row["registers"] for row in rows)
+heuristic_spills = max(row["spill_stores"] for tile, group in by_tile.items() if tile != (128, 128, 4) for row in group)
+print(json.dumps({"blocks": sorted(blocks), "spills": spills, "registers": regs, "heuristic_spills": heuristic_spills}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found["blocks"] == [128]
+    assert found["spills"] > 1000 and found["heuristic_spills"] == 0 and found["registers"] > 0, found
+
+
+def test_no_candidate_holds_more_than_its_threads_can_keep_in_registers():
+    for case in preset_shapes("resnet50", 64):
+        N, C, S = case.shape[0], case.shape[1], math.prod(case.shape[2:])
+        for dtype in (torch.bfloat16, torch.float32):
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            for layout in ("rows", "planes"):
+                for direction in configs.DIRECTIONS:
+                    found = configs.candidates(direction, dtype, layout, N, C, S, 132)
+                    assert len(found) > 2
+                    for c in found:
+                        per_thread = c.block_r * c.block_c * itemsize // (32 * c.num_warps)
+                        assert per_thread <= configs.MAX_TILE_BYTES_PER_THREAD, c
 
 
 def test_compile_check_refuses_the_interpreter(monkeypatch, capsys):
