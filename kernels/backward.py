@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .activations import IDENTITY, activation_backward
 from .configs import choose
-from .launch import Launcher, current_stream, direct_stream
+from .launch import Launcher, current_stream, direct_stream, launch_all
 from .plan import (
     LAYOUT_NAMES,
     Tiling,
@@ -292,6 +292,7 @@ class BackwardPlan:
                 *strides[3], *strides[3])
         tile = tiling.constexprs(needs_int64(shape, all_ncs), forward.compute)
         stats = (GIVEN if forward.training else RUNNING).value
+        self.direct_ready = False  # every launcher compiled, so a call may pass addresses (launch.launch_all)
         self.launches = []
         for phase, sums_from, (store_dz, load_dz, store_dx) in phases:
             # An input pass without rows to write (the merge variant's weight and bias totals): one split.
@@ -338,9 +339,9 @@ class BackwardPlan:
                    count, x if dz is None else dz, x if dx is None else dx,
                    x if dweight is None else dweight, x if dbias is None else dbias)
         floats = (*split_float(eps), *split_float(negative_slope))
-        for launcher, tail in self.launches:
-            if launch is None:
-                launcher(direct, *tensors, *floats, *tail)
-            else:
+        if launch is None:
+            launch_all(self, direct, tensors, floats)
+        else:
+            for launcher, tail in self.launches:
                 launch(launcher, (*tensors, *floats, *tail))
         return dx, dweight, dbias, dresidual

@@ -24,7 +24,7 @@ from ..reference import output_dtype
 from .activations import IDENTITY, activation_forward
 from .backward import BackwardPlan
 from .configs import choose
-from .launch import Launcher, current_stream, direct_stream
+from .launch import Launcher, current_stream, direct_stream, launch_all
 from .plan import (
     LAYOUT_NAMES,
     Tiling,
@@ -306,6 +306,7 @@ class ForwardPlan:
         phases = {"eval": [(APPLY, RUNNING)], "ticket": [(TICKET, GIVEN), (APPLY, GIVEN)],
                   "merge": [(PARTIALS, GIVEN), (APPLY, MERGE)], "persistent": [(PERSISTENT, GIVEN)]}[variant]
         self.counter_slots = tiling.channel_blocks + 1 if variant in ("ticket", "persistent") else 0
+        self.direct_ready = False  # every launcher compiled, so a call may pass addresses (launch.launch_all)
         self.launches = [
             (Launcher(forward_kernel, tiling.grid, tiling.num_warps, cooperative=phase == PERSISTENT),
              (*tail, phase.value, stats.value, *flags, *tile))
@@ -341,10 +342,10 @@ class ForwardPlan:
                    x if weight is None else weight, x if bias is None else bias,
                    x if running_mean is None else running_mean, x if running_var is None else running_var)
         floats = (*split_float(eps), *split_float(momentum), *split_float(negative_slope))
-        for launcher, tail in self.launches:
-            if launch is None:
-                launcher(direct, *tensors, *floats, *tail)
-            else:
+        if launch is None:
+            launch_all(self, direct, tensors, floats)
+        else:
+            for launcher, tail in self.launches:
                 launch(launcher, (*tensors, *floats, *tail))
         if not self.dense_running and self.update_running:
             for target, updated in zip(targets, (running_mean, running_var)):

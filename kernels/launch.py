@@ -13,13 +13,15 @@ The direct path relies on internals shared by triton 3.x releases (``CompiledKer
 exit_hook, *all kernel arguments``). Where they are missing (the interpreter, another Triton), or a call's
 pointers differ from the compiled specialization (one not 16-byte aligned: Triton specialises on that), or
 launch hooks are set (profilers), the call takes the ordinary launch instead: the plan decides that once per
-call for all its launches (``direct_stream``).
+call for all its launches (``direct_stream``). Once every launcher of a plan is compiled, a direct call passes
+its tensors' device addresses rather than the tensors (``addresses``, ``launch_all``).
 """
 
 import torch
 import triton
 
 _ALIGNMENT = 16  # Triton compiles separate variants for pointers divisible by 16 and for the others
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def direct_launch_parts(compiled):
@@ -40,6 +42,28 @@ def _launch_hooks_set() -> bool:
     if runtime is None:
         return True  # a Triton without knobs: don't second-guess its launch path
     return _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook)
+
+
+def addresses(tensors) -> tuple:
+    """The tensors' device addresses, for launches that go straight to compiled kernels. Triton's launcher takes a
+    plain int for a pointer argument as it is; from a tensor it reads the address itself, with a Python call to
+    ``data_ptr`` and a driver call (``cuPointerGetAttribute``) per pointer argument of every launch (triton 3.6's
+    generated launcher and 3.9's ``extractPointer`` alike). A plan reads them once per call for all its
+    launches, and only where every launcher is compiled already (``Launcher.is_direct``): an ordinary launch
+    binds its arguments and would take an int for a scalar."""
+    return tuple(map(_DATA_PTR, tensors))
+
+
+def launch_all(plan, direct, tensors, floats) -> None:
+    """Every (launcher, integer arguments) of ``plan.launches``, on stream ``direct`` (see ``direct_stream``) with
+    the pointer arguments ``tensors`` and the float scalars ``floats``; once every launcher of the plan is compiled
+    (``plan.direct_ready``), with the tensors' addresses in their place (see ``addresses``)."""
+    if direct is not None and plan.direct_ready:
+        tensors = addresses(tensors)
+    for launcher, tail in plan.launches:
+        launcher(direct, *tensors, *floats, *tail)
+    if direct is not None and not plan.direct_ready:
+        plan.direct_ready = all(launcher.is_direct for launcher, _ in plan.launches)
 
 
 def direct_stream(stream, tensors):
@@ -70,6 +94,11 @@ class Launcher:
         self.options = {"num_warps": num_warps, **({"launch_cooperative_grid": True} if cooperative else {})}
         self._launch = kernel[self.grid]  # Triton's launch for this grid, made once
         self._direct = None  # (run, function, packed_metadata) once compiled and launched directly
+
+    @property
+    def is_direct(self) -> bool:
+        """Whether calls with a stream launch the compiled kernel directly (it was compiled and has the handles)."""
+        return self._direct is not None
 
     def __call__(self, stream, *args):
         direct = self._direct

@@ -93,7 +93,7 @@ def test_current_stream_is_none_off_cuda():
 
 def test_the_kernels_of_this_machine_launch(device):
     """The real kernels through a plan's launchers, twice: interpreted here (ordinary path), compiled on CUDA
-    (the second call takes the direct path)."""
+    (the second call takes the direct path, with the tensors' addresses)."""
     from tritonbn.activations import KERNEL_IDS
     from tritonbn.kernels import ForwardPlan
 
@@ -103,3 +103,33 @@ def test_the_kernels_of_this_machine_launch(device):
         y, workspace = plan(x, None, None, None, None, None, 0.1, 1e-5, 0.01)
         torch.testing.assert_close(workspace[:3], x.mean((0, 2)))
         torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
+
+
+def test_a_plan_passes_addresses_once_every_launcher_is_compiled(monkeypatch):
+    """On the direct path the pointer arguments reach the compiled kernels as the tensors' addresses (from a
+    tensor Triton's launcher would call data_ptr and the driver for each); the compiling launch gets tensors."""
+    from tritonbn.activations import KERNEL_IDS
+    from tritonbn.kernels import ForwardPlan, forward
+
+    x = torch.randn(6, 3, 4)
+    plan = ForwardPlan(x, None, None, None, None, True, KERNEL_IDS["identity"])
+    fakes = []
+    for launcher, _ in plan.launches:
+        compiled = FakeCompiled()
+        kernel = FakeKernel(compiled)
+        launcher._launch = kernel[launcher.grid]
+        fakes.append((kernel, compiled))
+    monkeypatch.setattr(forward, "current_stream", lambda index: 1234)
+    monkeypatch.setattr(launch, "_launch_hooks_set", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # the counters ask
+    outputs = [plan(x, None, None, None, None, None, 0.1, 1e-5, 0.01)[0] for _ in range(3)]
+    pointers = 9  # x, y, residual, workspace, counters, weight, bias, running mean and variance
+    for kernel, compiled in fakes:
+        (ordinary,) = kernel.ordinary
+        assert all(isinstance(t, torch.Tensor) for t in ordinary[1][:pointers])
+        assert len(compiled.launches) == 2  # the second and third calls
+        for call, y in zip(compiled.launches, outputs[1:]):
+            passed = call[9:9 + pointers]
+            assert all(type(p) is int for p in passed)
+            assert passed[0] == x.data_ptr() and passed[1] == y.data_ptr() and passed[2] == x.data_ptr()
+            assert call[9 + pointers:] == ordinary[1][pointers:]  # floats and integer arguments as before
