@@ -407,10 +407,10 @@ def _compile_check(args):
         from .results import write_table
 
         rows = report["resources"]
+        write_table(rows, args.resources)
         spilling = [row for row in rows if row["spill_stores"] or row["spill_loads"]]
         print(f"ptxas: {len(rows)} kernels, at most {max((r['registers'] for r in rows), default=0)} registers a "
               f"thread, {len(spilling)} spilling; wrote {args.resources}")
-        write_table(rows, args.resources)
     return 1 if report["failures"] else 0
 
 

@@ -187,7 +187,7 @@ def format_table(rows: list[dict], device: torch.device) -> str:
     lines = [f"host us per training call ({where}); fwd+bwd over eager's: median of interleaved batches",
              f"{'':<26}{'forward':>9}{'backward':>10}{'fwd+bwd':>9}{'vs eager':>10}{'launches':>10}"]
     for row in rows:
-        launches = "-" if row["launches"] is None or row["way"].startswith(("eager", " ")) else str(row["launches"])
+        launches = "-" if row["launches"] is None else str(row["launches"])
         lines.append(f"{row['way']:<26}{row['forward_us']:>9.1f}{row['backward_us']:>10.1f}{row['total_us']:>9.1f}"
                      f"{row['vs_eager']:>9.2f}x{launches:>10}")
     return "\n".join(lines)
