@@ -256,6 +256,7 @@ class BackwardPlan:
         # The residual is only read to recompute z, which the identity does not need.
         has_residual = residual is not None and not identity
         self.copy_residual = has_residual and forward.copy_residual
+        self.copies = self.copy_dy or forward.copy_input or self.copy_residual or None in forward.vector_strides
         grad_ncs = ncs_strides(shape, self.dx_stride)  # dx's and dz's: both are allocated in that layout
         all_ncs = [dy_ncs, forward.x_ncs, forward.r_ncs if has_residual else forward.x_ncs, grad_ncs]
         family = layout_family(N, S, all_ncs)
@@ -307,13 +308,9 @@ class BackwardPlan:
         """(grad input, grad weight, grad bias, grad residual), None for those not wanted; ``launch`` as for
         ForwardPlan."""
         forward = self.forward
-        if self.copy_dy:
-            dy = dy.contiguous()
-        if forward.copy_input:
-            x = x.contiguous()
-        if self.copy_residual:
-            residual = residual.contiguous()
-        if forward.copy_vectors:
+        if self.copies:  # rare: see ForwardPlan
+            dy, x = (dy.contiguous() if self.copy_dy else dy), (x.contiguous() if forward.copy_input else x)
+            residual = residual.contiguous() if self.copy_residual else residual
             weight, bias, running_mean, running_var = dense_vectors(forward.vector_strides, weight, bias,
                                                                     running_mean, running_var)
         device, shape = forward.device, forward.shape

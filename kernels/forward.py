@@ -54,6 +54,7 @@ from .tiles import (
     affine,
     channel_block,
     channel_stats,
+    count_batch,
     grid_barrier,
     scalar,
     split_tiles,
@@ -160,22 +161,18 @@ def _merge_moments(part_ptr, C, cols, col_mask, num_splits, SPLIT_BLOCK: tl.cons
 
 
 @triton.jit
-def _running_factor(momentum_hi, momentum_lo, batches_ptr, like, CUMULATIVE: tl.constexpr):
-    """The running averages' factor, shaped like ``like``: ``momentum`` (a float32 head and tail), or with
-    CUMULATIVE (``momentum=None``) 1 / num_batches_tracked, read on the device where the module counted it."""
-    if CUMULATIVE:
-        return 1.0 / (tl.zeros_like(like) + tl.load(batches_ptr).to(like.dtype))
-    return scalar(momentum_hi, momentum_lo, like)
+def _finalize(workspace_ptr, counters_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, batches_ptr, eps_hi, eps_lo,
+              momentum_hi, momentum_lo, C, cols, col_mask, num_splits, store, UPDATE_RUNNING: tl.constexpr,
+              COUNT_BATCHES: tl.constexpr, CUMULATIVE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+              COMPUTE: tl.constexpr):
+    """(mean, rstd) of the batch from the partials after the workspace's [2, C] statistics; where ``store`` holds,
+    those are stored there, the running statistics move towards the batch's (unbiased variance) and, with
+    COUNT_BATCHES, num_batches_tracked counts the batch.
 
-
-@triton.jit
-def _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo, momentum_hi, momentum_lo,
-              batches_ptr, C, cols, col_mask, num_splits, store, UPDATE_RUNNING: tl.constexpr,
-              CUMULATIVE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
-    """(mean, rstd) of the batch from the partials after the workspace's [2, C] statistics; those
-    are stored there and the running statistics move towards the batch's (unbiased variance), where ``store``
-    holds: factor * batch + (1 - factor) * running, PyTorch's own formula, so a factor of 1 gives the batch's
-    statistics exactly and an inf running value stays inf where the factor is below 1."""
+    The update is PyTorch's own formula, factor * batch + (1 - factor) * running, so a factor of 1 gives the
+    batch's statistics exactly and an inf running value stays inf below it. The factor is ``momentum`` (a float32
+    head and tail), or with CUMULATIVE (momentum=None) 1 / (batches before this one + 1), the count read on the
+    device, as _BatchNorm's 1 / num_batches_tracked after its increment."""
     count, mean, m2 = _merge_moments(workspace_ptr + 2 * C, C, cols, col_mask, num_splits, SPLIT_BLOCK, BLOCK_C,
                                      COMPUTE)
     rstd = 1.0 / tl.sqrt(m2 / count + scalar(eps_hi, eps_lo, mean))
@@ -183,7 +180,12 @@ def _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_
         tl.store(workspace_ptr + cols, mean, mask=col_mask)
         tl.store(workspace_ptr + C + cols, rstd, mask=col_mask)
         if UPDATE_RUNNING:
-            factor = _running_factor(momentum_hi, momentum_lo, batches_ptr, mean, CUMULATIVE)
+            if COUNT_BATCHES:
+                batches_before = tl.load(batches_ptr)
+            if CUMULATIVE:
+                factor = 1.0 / (tl.zeros_like(mean) + (batches_before + 1).to(COMPUTE))
+            else:
+                factor = scalar(momentum_hi, momentum_lo, mean)
             keep = 1.0 - factor
             running_mean = tl.load(running_mean_ptr + cols * rm_s, mask=col_mask, other=0.0).to(COMPUTE)
             running_var = tl.load(running_var_ptr + cols * rv_s, mask=col_mask, other=0.0).to(COMPUTE)
@@ -193,6 +195,8 @@ def _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_
             tl.store(running_mean_ptr + cols * rm_s, running_mean.to(running_mean_ptr.dtype.element_ty),
                      mask=col_mask)
             tl.store(running_var_ptr + cols * rv_s, running_var.to(running_var_ptr.dtype.element_ty), mask=col_mask)
+            if COUNT_BATCHES:
+                count_batch(counters_ptr, batches_ptr, batches_before)
     return mean, rstd
 
 
@@ -223,7 +227,7 @@ def forward_kernel(
     counters_ptr,  # int32 ticket counters and grid barrier (tiles.py), zero at rest
     weight_ptr, bias_ptr,  # [C] affine parameters (read when HAS_WEIGHT / HAS_BIAS)
     running_mean_ptr, running_var_ptr,  # [C] folded in eval (STATS == RUNNING), updated when UPDATE_RUNNING
-    batches_ptr,  # num_batches_tracked, whose reciprocal is the running-average factor when CUMULATIVE
+    batches_ptr,  # num_batches_tracked: incremented when COUNT_BATCHES, the factor's source when CUMULATIVE
     eps_hi, eps_lo,  # eps as a float32 head and tail
     momentum_hi, momentum_lo,  # running-average factor as a float32 head and tail (unless CUMULATIVE)
     slope_hi, slope_lo,  # leaky_relu's negative slope as a float32 head and tail
@@ -237,6 +241,7 @@ def forward_kernel(
     PHASE: tl.constexpr,  # PARTIALS, TICKET, APPLY or PERSISTENT (tiles.py)
     STATS: tl.constexpr,  # APPLY: GIVEN, MERGE or RUNNING (tiles.py)
     UPDATE_RUNNING: tl.constexpr,  # fold the batch statistics into the running ones
+    COUNT_BATCHES: tl.constexpr,  # count this batch in num_batches_tracked (a module's training call)
     CUMULATIVE: tl.constexpr,  # the factor is 1 / num_batches_tracked (momentum=None), not momentum
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr,  # activation id, see activations.py
@@ -262,18 +267,19 @@ def forward_kernel(
         tl.store(partials + 3 * num_splits * C, m2, mask=col_mask)
         if PHASE == TICKET:
             if take_ticket(counters_ptr, num_splits):
-                _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo, momentum_hi,
-                          momentum_lo, batches_ptr, C, cols, col_mask, num_splits, True, UPDATE_RUNNING, CUMULATIVE,
-                          SPLIT_BLOCK, BLOCK_C, COMPUTE)
+                _finalize(workspace_ptr, counters_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, batches_ptr,
+                          eps_hi, eps_lo, momentum_hi, momentum_lo, C, cols, col_mask, num_splits, True,
+                          UPDATE_RUNNING, COUNT_BATCHES, CUMULATIVE, SPLIT_BLOCK, BLOCK_C, COMPUTE)
     if PHASE == PERSISTENT:
         grid_barrier(counters_ptr)
     if PHASE == APPLY or PHASE == PERSISTENT:
         if PHASE == PERSISTENT or STATS == MERGE:
             # Every program merges its channels' partials; split 0's programs store them and update.
             partial_splits = num_splits if PHASE == PERSISTENT else num_partials
-            mean, rstd = _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo,
-                                   momentum_hi, momentum_lo, batches_ptr, C, cols, col_mask, partial_splits,
-                                   tl.program_id(1) == 0, UPDATE_RUNNING, CUMULATIVE, SPLIT_BLOCK, BLOCK_C, COMPUTE)
+            mean, rstd = _finalize(workspace_ptr, counters_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s,
+                                   batches_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo, C, cols, col_mask,
+                                   partial_splits, tl.program_id(1) == 0, UPDATE_RUNNING, COUNT_BATCHES, CUMULATIVE,
+                                   SPLIT_BLOCK, BLOCK_C, COMPUTE)
         else:
             mean, rstd = channel_stats(workspace_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo, C,
                                        cols, col_mask, STATS, COMPUTE)
@@ -305,14 +311,14 @@ class ForwardPlan:
 
     Every tensor is addressed by its own strides (``operand_layout``, ``vector_stride``); one whose layout the
     kernels cannot address is read from a contiguous copy, and a running statistic of that kind is updated
-    through one and copied back. ``cumulative``: the running-average factor is 1 / num_batches_tracked
-    (``momentum=None``), read on the device from the counter a call passes as ``momentum``.
+    through one and copied back. ``counting``: 0, or a module's training call that counts its batch in
+    num_batches_tracked (1), with momentum=None's factor 1 / num_batches_tracked (2); the kernels count it.
     Backward plans for the same forward hang off it (``backward_plans``), so backward finds its own with one
     dictionary look-up. ``config`` overrides the tuning table's choice (``tritonbn-perf tune``, the tests).
     """
 
     def __init__(self, x, weight, bias, residual, running_mean, running_var, training, activation_id, config=None,
-                 cooperative=True, cumulative=False):
+                 cooperative=True, counting=0):
         shape, stride = tuple(x.shape), x.stride()
         self.out_dtype = output_dtype(x, residual)
         self.out_stride = output_layout(shape, stride)[0]
@@ -328,12 +334,14 @@ class ForwardPlan:
         self.compute = compute_dtype(x.dtype)
         self.training = training
         self.update_running = training and running_mean is not None
+        self.count_batches = counting > 0 and self.update_running
+        cumulative = counting == 2 and self.update_running
         self.vector_strides = tuple(map(vector_stride, (weight, bias, running_mean, running_var)))
-        self.copy_vectors = None in self.vector_strides  # rare: read (and updated) through dense copies
+        # Rare, so one flag keeps them off the common path: x, the residual or a per-channel tensor copied.
+        self.copies = self.copy_input or self.copy_residual or None in self.vector_strides
         self.activation_id = activation_id
         self.needs_residual = residual is not None and activation_id != IDENTITY.value  # to rebuild z in backward
         self.cooperative = cooperative
-        self.cumulative = cumulative and self.update_running
         self.backward_plans = {}
         all_ncs = [self.x_ncs, ncs_strides(shape, self.out_stride)] + ([self.r_ncs] if residual is not None else [])
         family = layout_family(self.N, self.S, all_ncs)
@@ -344,8 +352,8 @@ class ForwardPlan:
         self.device = x.device
         self.index = device_index(x.device)
         self.workspace_numel = 2 * self.C + 4 * tiling.num_splits * self.C  # mean and rstd, then the partials
-        flags = (self.update_running, self.cumulative, weight is not None, bias is not None, residual is not None,
-                 activation_id)
+        flags = (self.update_running, self.count_batches, cumulative, weight is not None, bias is not None,
+                 residual is not None, activation_id)
         tail = (*tiling.sizes(self.N, self.C, self.S), tiling.num_splits, *strides[0], *strides[1], *strides[2],
                 *(1 if step is None else step for step in self.vector_strides))
         tile = tiling.constexprs(needs_int64(shape, all_ncs), self.compute)
@@ -356,7 +364,9 @@ class ForwardPlan:
             variant = "merge"
         phases = {"eval": [(APPLY, RUNNING)], "ticket": [(TICKET, GIVEN), (APPLY, GIVEN)],
                   "merge": [(PARTIALS, GIVEN), (APPLY, MERGE)], "persistent": [(PERSISTENT, GIVEN)]}[variant]
-        self.counter_slots = tiling.channel_blocks + 1 if variant in ("ticket", "persistent") else 0
+        # Slot 0: the grid barrier; 1 + b: channel block b's ticket; 1 + blocks: the batch count's (tiles.py).
+        tickets = variant in ("ticket", "persistent")
+        self.counter_slots = tiling.channel_blocks + 1 + self.count_batches if tickets or self.count_batches else 0
         self.direct_ready = False  # every launcher compiled, so a call may pass addresses (launch.launch_all)
         self.launches = [
             (Launcher(forward_kernel, tiling.grid, tiling.num_warps, cooperative=phase == PERSISTENT),
@@ -364,24 +374,21 @@ class ForwardPlan:
             for phase, stats in phases]
 
     def __call__(self, x, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope,
-                 launch=None):
-        """(y, the workspace that begins with the batch's mean and rstd; None in eval). ``momentum`` is the
-        num_batches_tracked counter where the plan is ``cumulative``.
+                 batches=None, launch=None):
+        """(y, the workspace that begins with the batch's mean and rstd; None in eval). ``batches``: the
+        num_batches_tracked counter of a ``counting`` plan (whose ``momentum`` is then None for momentum=None).
 
         ``launch(launcher, arguments)``, where given, launches instead of the launchers (torch.compile's triton
         ops: see tritonbn/triton_ops.py); the ticket counters are then this call's own, zeroed."""
-        if self.copy_input:
-            x = x.contiguous()
-        if self.copy_residual:
-            residual = residual.contiguous()
-        if self.copy_vectors:
-            targets = running_mean, running_var
-            weight, bias, running_mean, running_var = dense_vectors(self.vector_strides, weight, bias, running_mean,
-                                                                    running_var)
+        if self.copies:
+            x, residual, weight, bias, running_mean, running_var, written = self._copied(
+                x, residual, weight, bias, running_mean, running_var)
         device = self.device
         y = torch.empty_strided(self.shape, self.out_stride, dtype=self.out_dtype, device=device)
         workspace = torch.empty(self.workspace_numel, dtype=self.stats_dtype, device=device) if self.training else None
         if self.empty:
+            if self.count_batches:
+                batches.add_(1)
             return y, workspace
         if launch is None:
             stream = current_stream(self.index)
@@ -389,20 +396,31 @@ class ForwardPlan:
             count = counters(device, stream, self.counter_slots) if self.counter_slots else x
         else:
             count = torch.zeros(self.counter_slots, dtype=torch.int32, device=device) if self.counter_slots else x
-        batches, momentum = (momentum, 0.0) if self.cumulative else (x, momentum)
         tensors = (x, y, x if residual is None else residual, x if workspace is None else workspace, count,
                    x if weight is None else weight, x if bias is None else bias,
-                   x if running_mean is None else running_mean, x if running_var is None else running_var, batches)
-        floats = (*split_float(eps), *split_float(momentum), *split_float(negative_slope))
+                   x if running_mean is None else running_mean, x if running_var is None else running_var,
+                   x if batches is None else batches)
+        floats = (*split_float(eps), *split_float(momentum or 0.0), *split_float(negative_slope))
         if launch is None:
             launch_all(self, direct, tensors, floats)
         else:
             for launcher, tail in self.launches:
                 launch(launcher, (*tensors, *floats, *tail))
-        if self.copy_vectors and self.update_running:
-            for target, updated in zip(targets, (running_mean, running_var)):
-                target.copy_(updated)
+        if self.copies and self.update_running:
+            for target, updated in written:
+                if target is not updated:
+                    target.copy_(updated)
         return y, workspace
+
+    def _copied(self, x, residual, weight, bias, running_mean, running_var):
+        """The call's tensors with the ones the kernels cannot address replaced by copies they can (see the class
+        docstring), and the (running statistic, copy updated in its place) pairs to copy back."""
+        if self.copy_input:
+            x = x.contiguous()
+        if self.copy_residual:
+            residual = residual.contiguous()
+        vectors = dense_vectors(self.vector_strides, weight, bias, running_mean, running_var)
+        return (x, residual, *vectors, tuple(zip((running_mean, running_var), vectors[2:])))
 
     def backward_plan(self, dy, weight, bias, residual, needs):
         """The backward plan for gradient ``dy`` and the gradients ``needs`` says are wanted (input, weight, bias,

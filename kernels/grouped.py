@@ -65,7 +65,8 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     workspace = torch.empty(2 * C + 4 * splits * C, dtype=stats_dtype(x.dtype), device=x.device)
     forward_kernel[run.tiling.grid](
         x, x, x, workspace, x, x, x, x, x, x, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, *run.head(), *run.strides, *_UNUSED,
-        *_UNUSED, *_VECTORS, PARTIALS.value, GIVEN.value, False, False, False, False, False, 0, *run.tile,
+        *_UNUSED, *_VECTORS, PARTIALS.value, GIVEN.value, False, False, False, False, False, False, 0,
+        *run.tile,
         num_warps=run.tiling.num_warps)
     counts, heads, tails, m2s = workspace[2 * C:].double().view(4, splits, C)
     means = heads + tails
@@ -85,7 +86,7 @@ def normalize_act(x, mean, rstd, weight, bias, activation, negative_slope, resid
     forward_kernel[run.tiling.grid](
         x, y, residual, torch.stack([mean, rstd]), x, _or(weight, x), _or(bias, x), x, x, x, 0.0, 0.0, 0.0, 0.0,
         *split_float(negative_slope), *run.head(), *strides, *_VECTORS, APPLY.value, GIVEN.value, False, False,
-        weight is not None,
+        False, weight is not None,
         bias is not None, r_ncs is not None, KERNEL_IDS[activation], *run.tile, num_warps=run.tiling.num_warps)
     return y
 

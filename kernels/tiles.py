@@ -159,6 +159,19 @@ def take_ticket(counters_ptr, num_splits):
 
 
 @triton.jit
+def count_batch(counters_ptr, batches_ptr, batches_before):
+    """Called once by each program that finalizes a channel block, after it read num_batches_tracked
+    (``batches_before``): the last of them to get here stores batches_before + 1, so every finalizer reads the
+    count before this batch, whichever finishes first. An integer ticket in the slot after the channel blocks'
+    own, set back to 0 for the next launch."""
+    tl.debug_barrier()  # every thread of this program has read the count
+    ticket = counters_ptr + 1 + tl.num_programs(0)
+    if tl.atomic_add(ticket, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        tl.store(batches_ptr, batches_before + 1)
+        tl.atomic_xchg(ticket, 0, sem="relaxed")
+
+
+@triton.jit
 def grid_barrier(counters_ptr):
     """Wait until every program of the launch arrives (the persistent variant; its launch is cooperative, so
     all programs are resident). The first program adds 2**31 - (programs - 1), the others 1 each: the top

@@ -12,75 +12,82 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import ops, plans, reference
-from .backend import cpu_reference, device_uses_kernels, uses_kernels
+from .backend import _constant_under_compile, _forced_reference, cpu_reference, device_uses_kernels, uses_kernels
 from .validation import check_activation, check_batch_norm_args, check_eps, check_tensor_types
 
-__all__ = ["BatchNormActFunction", "batch_norm_act", "cpu_reference", "prepare", "run"]
+__all__ = ["BatchNormActFunction", "batch_norm_act", "cpu_reference", "prepare", "recomputing", "run"]
+
+# The checks every call makes, as the C functions themselves (torch.jit.is_tracing() is a Python wrapper of the
+# second that also asks whether TorchScript is compiling this code, which it never is).
+_functorch_transforms_active = torch._C._are_functorch_transforms_active
+_jit_tracing = torch._C._is_tracing
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def _composite_only() -> bool:
     """Whether a transform is active that needs the op made of PyTorch ops (see the module docstring)."""
-    return (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
-            or torch.jit.is_tracing())
+    return _functorch_transforms_active() or forward_ad._current_level >= 0 or _jit_tracing()
 
 
+@_constant_under_compile
 def recomputing() -> bool:
     """Whether this forward runs again inside a backward pass: activation checkpointing
     (``torch.utils.checkpoint``, reentrant or not) recomputes a checkpointed forward while autograd's engine
     runs the backward. Such a forward must not update the running statistics a second time
-    (pytorch/pytorch#96136). False under torch.compile, which traces the forward once, and on a PyTorch
-    without the engine's graph-task query."""
-    if torch.compiler.is_compiling() or _current_graph_task_id is None:
-        return False
-    return _current_graph_task_id() != -1
+    (pytorch/pytorch#96136). False while torch.compile traces (the answer is taken as a constant there: it
+    handles checkpointing in its own graphs) and on a PyTorch without the engine's graph-task query."""
+    return _graph_task_id is not None and _graph_task_id() != -1
 
 
-_current_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-
-
-def prepare(input, running_mean, running_var, weight, bias, residual, training, eps, activation, cumulative=False):
+def prepare(input, running_mean, running_var, weight, bias, residual, training, eps, activation, counting=0):
     """Check a call's arguments (a clear error, before any state changes) and return its kernel plan, or
-    None where the call runs the PyTorch reference or, inside torch.compile, the custom ops. ``cumulative``:
-    the running averages' factor will be 1 / num_batches_tracked (``momentum=None``).
+    None where the call runs the PyTorch reference or, inside torch.compile, the custom ops. ``counting``: 0,
+    or a module's training call that counts its batch in num_batches_tracked (1), with momentum=None (2).
 
     The hot path is a cached plan: its key is built from the tensors' layouts (which also proves they are
-    tensors), and a plan is cached only after the checks passed for what the key holds.
+    tensors), and a plan is cached only after the checks passed for what the key holds, and only where the
+    kernels run: a cached plan on a CPU only has to ask whether ``cpu_reference()`` is in force.
     """
     try:
-        key = plans.key(input, weight, bias, residual, running_mean, running_var, training, activation, cumulative)
+        key = plans.key(input, weight, bias, residual, running_mean, running_var, training, activation, counting)
     except AttributeError:  # an argument that is not a tensor: name it
         check_tensor_types(input, running_mean, running_var, weight, bias, residual)
         raise
     if not eps > 0.0:
         check_eps(eps, training)
-    if torch.compiler.is_compiling() or not device_uses_kernels(key[3]) or _composite_only():
-        check_activation(activation)
-        check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
-        return None
-    plan = plans.cached(key)
-    if plan is None:  # the checks depend only on what the key holds, so a cached plan was checked already
-        check_activation(activation)
-        check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
-        plan = plans.new(key, input, weight, bias, residual, running_mean, running_var, training, activation,
-                         cumulative)
+    if torch.compiler.is_compiling() or _composite_only():
+        plan = None
+    else:
+        plan = plans.PLANS.get(key)
+        if plan is not None:
+            return None if plan.index is None and _forced_reference.get() else plan
+        if device_uses_kernels(key[3]):
+            check_activation(activation)
+            check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
+            return plans.new(key, input, weight, bias, residual, running_mean, running_var, training, activation,
+                             counting)
+    check_activation(activation)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
     return plan
 
 
 def run(plan, input, running_mean, running_var, weight, bias, training, momentum, eps, activation, negative_slope,
-        residual):
-    """The op for arguments ``prepare`` checked, on the path it chose. ``momentum`` is the running averages'
-    factor, or for ``momentum=None`` (``prepare(cumulative=True)``) the num_batches_tracked counter whose
-    reciprocal is the factor: a tensor, read on the device, so that no host sync and no graph break is needed."""
+        residual, batches=None):
+    """The op for arguments ``prepare`` checked, on the path it chose. ``batches``: the num_batches_tracked
+    counter of a module's training call (``prepare``'s ``counting``), which the op increments; ``momentum`` None
+    then makes the running averages' factor 1 / num_batches_tracked, taken on the device (no host sync, no graph
+    break). Without ``batches`` a momentum of None is a factor of 0, as in _BatchNorm."""
     if plan is not None:
-        return BatchNormActFunction.apply(input, weight, bias, residual,
-                                          (plan, running_mean, running_var, momentum, eps, negative_slope))
+        return _apply(input, weight, bias, residual,
+                      (plan, running_mean, running_var, momentum, eps, negative_slope, batches))
+    if batches is None and momentum is None:
+        momentum = 0.0
     if torch.compiler.is_compiling() and uses_kernels(input):  # custom ops: no graph break
-        batches, momentum = (momentum, 0.0) if isinstance(momentum, torch.Tensor) else (None, float(momentum))
         return ops.CompiledBatchNormAct.apply(input, weight, bias, residual, running_mean, running_var, batches,
-                                              bool(training), momentum, float(eps), activation,
-                                              float(negative_slope))
+                                              bool(training), None if momentum is None else float(momentum),
+                                              float(eps), activation, float(negative_slope))
     return reference.batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                    activation, negative_slope, residual)
+                                    activation, negative_slope, residual, batches)
 
 
 def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
@@ -97,8 +104,8 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
         running_mean = running_var = None
     plan = prepare(input, running_mean, running_var, weight, bias, residual, training, eps, activation)
     if plan is not None:
-        return BatchNormActFunction.apply(input, weight, bias, residual,
-                                          (plan, running_mean, running_var, momentum, eps, negative_slope))
+        return _apply(input, weight, bias, residual, (plan, running_mean, running_var, momentum, eps, negative_slope,
+                                                      None))
     return run(None, input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
                negative_slope, residual)
 
@@ -109,14 +116,14 @@ class BatchNormActFunction(torch.autograd.Function):
     backward, which costs no extra pass over memory. The plan knows the mode and the activation.
 
     Only the tensors that can take a gradient are the Function's inputs; everything else travels in one tuple,
-    ``call`` = (plan, running_mean, running_var, momentum, eps, negative_slope): autograd's work per call grows
-    with the number of inputs (about 0.3 us each on a CPU), and none of these has a gradient."""
+    ``call`` = (plan, running_mean, running_var, momentum, eps, negative_slope, batches): autograd's work per call
+    grows with the number of inputs (about 0.3 us each on a CPU), and none of these has a gradient."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, call):
-        plan, running_mean, running_var, momentum, eps, negative_slope = call
+        plan, running_mean, running_var, momentum, eps, negative_slope, batches = call
         output, workspace = plan(input, weight, bias, residual, running_mean, running_var, momentum, eps,
-                                 negative_slope)
+                                 negative_slope, batches)
         # With the identity the pre-activation is never needed, so the residual need not stay alive.
         saved_residual = residual if plan.needs_residual else None
         if workspace is not None:  # training: the workspace begins with the batch's mean and rstd (C-sized,
@@ -162,3 +169,16 @@ def _differentiable_backward(ctx, grad_output):
     for i, grad in zip(wanted, computed):
         grads[i] = grad
     return (*grads, None)
+
+
+def _c_apply(function):
+    """``function.apply`` without autograd.Function's Python wrapper, which binds default arguments (there are
+    none), asks whether functorch transforms are active (``prepare`` asked) and passes every argument through a
+    generator that unwraps dead functorch wrappers (there are none where no transform is active): the C++
+    ``_FunctionBase.apply`` bound to ``function``. Where this PyTorch lacks it, the ordinary ``apply``."""
+    descriptor = getattr(torch._C, "_FunctionBase", type).__dict__.get("apply")
+    bound = getattr(descriptor, "__get__", None)
+    return function.apply if bound is None else bound(None, function)
+
+
+_apply = _c_apply(BatchNormActFunction)

@@ -49,31 +49,25 @@ class _BatchNormAct(_BatchNorm):
     def forward(self, input, residual=None):
         self._check_input_dim(input)
         # Mirrors _BatchNorm.forward, but checks everything before counting the batch, so a rejected call
-        # leaves num_batches_tracked and the running statistics as they were.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running_stats = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running_stats else None
-        running_var = self.running_var if use_running_stats else None
-        counts_batches = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if counts_batches and recomputing():  # activation checkpointing's second forward: no second update
-            running_mean = running_var = None
-            counts_batches = False
-        cumulative = counts_batches and self.momentum is None
+        # leaves num_batches_tracked and the running statistics as they were; the op itself counts the batch
+        # (the kernels on the device, with no op of its own) and takes momentum=None's factor from the count.
+        running_mean, running_var = self.running_mean, self.running_var
+        training = self.training
+        bn_training = training or (running_mean is None and running_var is None)
+        batches = None
+        if training:
+            if not self.track_running_stats:
+                running_mean = running_var = None
+            elif recomputing():  # activation checkpointing's second forward: no second update
+                running_mean = running_var = None
+            else:
+                batches = self.num_batches_tracked
+        momentum = self.momentum
+        counting = 0 if batches is None else 1 if momentum is not None else 2
         plan = prepare(input, running_mean, running_var, self.weight, self.bias, residual, bn_training, self.eps,
-                       self.activation, cumulative)
-        if counts_batches:
-            self.num_batches_tracked.add_(1)
-        return run(plan, input, running_mean, running_var, self.weight, self.bias, bn_training,
-                   self._average_factor(cumulative), self.eps, self.activation, self.negative_slope, residual)
-
-    def _average_factor(self, cumulative: bool):
-        """The running averages' factor: ``momentum``; with ``momentum=None`` (``cumulative``) the
-        num_batches_tracked counter itself, whose reciprocal the op takes on the device (``functional.run``),
-        where _BatchNorm computes 1 / float(num_batches_tracked), a host sync and a graph break; 0.0 where
-        momentum is None and no batch is counted, as _BatchNorm."""
-        if cumulative:
-            return self.num_batches_tracked
-        return 0.0 if self.momentum is None else self.momentum
+                       self.activation, counting)
+        return run(plan, input, running_mean, running_var, self.weight, self.bias, bn_training, momentum, self.eps,
+                   self.activation, self.negative_slope, residual, batches)
 
     def extra_repr(self):
         text = f"{super().extra_repr()}, activation={self.activation}"

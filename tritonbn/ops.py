@@ -25,16 +25,16 @@ def _output_like(input: Tensor, dtype: torch.dtype) -> Tensor:
     return input.new_empty_strided(input.shape, output_layout(input.shape, input.stride())[0], dtype=dtype)
 
 
-@torch.library.custom_op("tritonbn::forward", mutates_args=("running_mean", "running_var"))
+@torch.library.custom_op("tritonbn::forward", mutates_args=("running_mean", "running_var", "batches"))
 def forward(input: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
             running_mean: Tensor | None, running_var: Tensor | None, batches: Tensor | None, training: bool,
-            momentum: float, eps: float, activation: str, negative_slope: float) -> tuple[Tensor, Tensor]:
-    """(output, stats): the batch's mean and rstd, [2 * C], for backward (empty in eval). ``batches``: the
-    num_batches_tracked counter whose reciprocal is the running averages' factor (momentum=None), or None."""
+            momentum: float | None, eps: float, activation: str, negative_slope: float) -> tuple[Tensor, Tensor]:
+    """(output, stats): the batch's mean and rstd, [2 * C], for backward (empty in eval). ``batches``: a module's
+    num_batches_tracked, which counts this batch (and whose count makes the factor where ``momentum`` is None)."""
     plan = plan_for(input, weight, bias, residual, running_mean, running_var, training, activation,
-                    batches is not None)
-    output, workspace = plan(input, weight, bias, residual, running_mean, running_var,
-                             momentum if batches is None else batches, eps, negative_slope)
+                    counting(batches, momentum))
+    output, workspace = plan(input, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope,
+                             batches)
     return output, input.new_empty(0) if workspace is None else workspace[: 2 * input.shape[1]]
 
 
@@ -68,6 +68,11 @@ def _(grad_output, input, stats, weight, bias, residual, running_mean, running_v
             torch.empty_like(weight) if need_weight else input.new_empty(0),
             torch.empty_like(bias) if need_bias else input.new_empty(0),
             _output_like(input, grad_output.dtype) if need_residual else input.new_empty(0)]
+
+
+def counting(batches: Tensor | None, momentum: float | None) -> int:
+    """functional.prepare's ``counting`` of a call with these ``batches`` and ``momentum``."""
+    return 0 if batches is None else 1 if momentum is not None else 2
 
 
 def kernel_ops(input: Tensor):

@@ -7,48 +7,52 @@ import torch
 
 from .activations import REGISTRY
 
-_PLANS: dict = {}
-_MAX_PLANS = 4096  # distinct specializations; a program that keeps making new shapes just re-plans
+PLANS: dict = {}  # functional.prepare looks plans up here itself: the hot path
+_MAXPLANS = 4096  # distinct specializations; a program that keeps making new shapes just re-plans
 
 
-def _layout(t):
-    return None if t is None else (t.dtype, t.shape, t.stride(), t.device)
-
-
-def key(input, weight, bias, residual, running_mean, running_var, training, activation, cumulative=False) -> tuple:
-    """What a plan (and the checks of its arguments) depends on; ``cumulative``: momentum=None's factor."""
-    return (input.shape, input.stride(), input.dtype, input.device, _layout(weight), _layout(bias),
-            _layout(residual), _layout(running_mean), _layout(running_var), training, activation, cumulative)
+def key(input, weight, bias, residual, running_mean, running_var, training, activation, counting=0) -> tuple:
+    """What a plan (and the checks of its arguments) depends on; ``counting`` as for functional.prepare. Written
+    out: a call builds one per call."""
+    return (input.shape, input.stride(), input.dtype, input.device,
+            None if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device),
+            None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+            None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
+            None if running_mean is None else (running_mean.shape, running_mean.stride(), running_mean.dtype,
+                                               running_mean.device),
+            None if running_var is None else (running_var.shape, running_var.stride(), running_var.dtype,
+                                              running_var.device),
+            training, activation, counting)
 
 
 def cached(plan_key: tuple):
-    return _PLANS.get(plan_key)
+    return PLANS.get(plan_key)
 
 
-def new(plan_key, input, weight, bias, residual, running_mean, running_var, training, activation, cumulative=False):
+def new(plan_key, input, weight, bias, residual, running_mean, running_var, training, activation, counting=0):
     """Plan a call (its tensors define the layouts and tiling) and cache the plan under ``plan_key``."""
     from . import kernels  # Triton is imported when a kernel is first planned, not with tritonbn
 
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
-    plan = _PLANS[plan_key] = kernels.ForwardPlan(input, weight, bias, residual, running_mean, running_var, training,
-                                                  REGISTRY[activation].kernel_id, cumulative=cumulative)
+    if len(PLANS) >= _MAXPLANS:
+        PLANS.clear()
+    plan = PLANS[plan_key] = kernels.ForwardPlan(input, weight, bias, residual, running_mean, running_var, training,
+                                                  REGISTRY[activation].kernel_id, counting=counting)
     plan.activation = activation  # the name, for double backward's PyTorch recomputation
     return plan
 
 
-def plan_for(input, weight, bias, residual, running_mean, running_var, training, activation, cumulative=False):
+def plan_for(input, weight, bias, residual, running_mean, running_var, training, activation, counting=0):
     """The cached plan for arguments already checked."""
-    plan_key = key(input, weight, bias, residual, running_mean, running_var, training, activation, cumulative)
+    plan_key = key(input, weight, bias, residual, running_mean, running_var, training, activation, counting)
     return cached(plan_key) or new(plan_key, input, weight, bias, residual, running_mean, running_var, training,
-                                   activation, cumulative)
+                                   activation, counting)
 
 
 def clear() -> None:
     """Forget every plan, eager's and torch.compile's (a configuration override, say, should take effect for
     shapes planned already)."""
-    _PLANS.clear()
-    _TRACED_PLANS.clear()
+    PLANS.clear()
+    _TRACEDPLANS.clear()
 
 
 class StaticLayout:
@@ -71,22 +75,22 @@ def static_layout(t):
     return None if t is None else StaticLayout(t)
 
 
-_TRACED_PLANS: dict = {}
+_TRACEDPLANS: dict = {}  # functional.prepare looks plans up here itself: the hot path
 
 
-def traced_plan(input, weight, bias, residual, running_mean, running_var, training, activation, cumulative=False):
+def traced_plan(input, weight, bias, residual, running_mean, running_var, training, activation, counting=0):
     """The plan torch.compile's triton ops launch (no cooperative launch: see triton_ops.py), for checked
     arguments."""
     from . import kernels
 
     x, w, b, r, rm, rv = (static_layout(t) for t in (input, weight, bias, residual, running_mean, running_var))
-    plan_key = key(x, w, b, r, rm, rv, training, activation, cumulative)
-    plan = _TRACED_PLANS.get(plan_key)
+    plan_key = key(x, w, b, r, rm, rv, training, activation, counting)
+    plan = _TRACEDPLANS.get(plan_key)
     if plan is None:
-        if len(_TRACED_PLANS) >= _MAX_PLANS:
-            _TRACED_PLANS.clear()
-        plan = _TRACED_PLANS[plan_key] = kernels.ForwardPlan(x, w, b, r, rm, rv, training,
+        if len(_TRACEDPLANS) >= _MAXPLANS:
+            _TRACEDPLANS.clear()
+        plan = _TRACEDPLANS[plan_key] = kernels.ForwardPlan(x, w, b, r, rm, rv, training,
                                                              REGISTRY[activation].kernel_id, cooperative=False,
-                                                             cumulative=cumulative)
+                                                             counting=counting)
         plan.activation = activation
     return plan

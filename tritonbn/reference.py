@@ -37,17 +37,17 @@ def compute_dtype(input: torch.Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
-def update_running_stats(running_mean, running_var, mean, m2, count, momentum):
+def update_running_stats(running_mean, running_var, mean, m2, count, momentum, batches=None):
     """Move the running statistics towards the batch's (unbiased variance m2 / (count - 1)) with PyTorch's own
     formula, factor * batch + (1 - factor) * running: exact at factor 1 (``momentum=1`` and momentum=None's first
-    batch), and an inf running value stays inf below it, as PyTorch's do (``lerp`` would give NaN). ``momentum``
-    is the factor, or a num_batches_tracked counter (a tensor) whose reciprocal is (``momentum=None``), read on
-    the device: no host sync, no graph break under torch.compile. Nothing to do without running statistics or
-    for an empty batch."""
+    batch), and an inf running value stays inf below it, as PyTorch's do (``lerp`` would give NaN). The factor is
+    ``momentum``, or where that is None 1 / (``batches`` + 1): a num_batches_tracked counter not yet counting this
+    batch, read on the device (no host sync, no graph break under torch.compile). Nothing to do without running
+    statistics or for an empty batch."""
     if running_mean is None or count == 0:
         return
     dtype = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
-    factor = 1.0 / momentum.to(dtype) if isinstance(momentum, torch.Tensor) else float(momentum)
+    factor = float(momentum) if momentum is not None else 1.0 / (batches + 1).to(dtype)
     keep = 1.0 - factor
     for running, batch in ((running_mean, mean), (running_var, m2 / (count - 1))):
         # Through ``.data``, as PyTorch's kernels write them: in place without bumping the version counter, so an
@@ -71,11 +71,14 @@ def statistics(input, running_mean, running_var, training) -> tuple[torch.Tensor
 
 
 def batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                   activation, negative_slope, residual):
+                   activation, negative_slope, residual, batches=None):
+    """The op; ``batches``: a module's num_batches_tracked, which counts this batch (see functional.run)."""
     mean, var = statistics(input, running_mean, running_var, training)
     if training:  # Step 5: the running averages move towards the batch's (unbiased) statistics
         count = count_per_channel(input)
-        update_running_stats(running_mean, running_var, mean, var * count, count, momentum)
+        update_running_stats(running_mean, running_var, mean, var * count, count, momentum, batches)
+        if batches is not None:
+            batches.add_(1)
     return normalize_act(input, mean, torch.rsqrt(var + eps), weight, bias, activation, negative_slope, residual)
 
 

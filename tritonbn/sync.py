@@ -62,13 +62,13 @@ def _gather_moments(x: torch.Tensor, primitives, process_group) -> tuple[int, to
 
 class _SyncBatchNormActFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps, momentum, activation,
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps, momentum, batches, activation,
                 negative_slope, process_group):
         primitives = _primitives(input)
         count, mean, m2 = _gather_moments(input, primitives, process_group)
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {count} over the group")
-        update_running_stats(running_mean, running_var, mean, m2, count, momentum)
+        update_running_stats(running_mean, running_var, mean, m2, count, momentum, batches)
         stat_dtype = compute_dtype(input)
         rstd = (m2 / count + eps).rsqrt().to(stat_dtype)
         mean = mean.to(stat_dtype)
@@ -102,7 +102,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
             grad_residual = None if residual is None else torch.zeros_like(residual)
         grad_weight = None if weight is None else sum_dz_xhat.to(weight.dtype)
         grad_bias = None if bias is None else sum_dz.to(bias.dtype)
-        return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,12 +149,12 @@ class SyncBatchNormAct(_BatchNormAct):
         if counts_batches and recomputing():  # activation checkpointing's second forward: no second update
             running_mean = running_var = None
             counts_batches = False
-        cumulative = counts_batches and self.momentum is None
-        # The batch is counted only after the checks: momentum=None's factor is 1 / (the count with this batch).
-        average_factor = self.num_batches_tracked + 1 if cumulative else self._average_factor(False)
+        # The batch is counted only after the checks: momentum=None's factor is 1 / (the count before it + 1).
+        momentum = 0.0 if self.momentum is None and not counts_batches else self.momentum
         out = _SyncBatchNormActFunction.apply(
-            input, self.weight, self.bias, residual, running_mean, running_var, self.eps, average_factor,
-            self.activation, self.negative_slope, self.process_group or dist.group.WORLD,
+            input, self.weight, self.bias, residual, running_mean, running_var, self.eps, momentum,
+            self.num_batches_tracked if counts_batches else None, self.activation, self.negative_slope,
+            self.process_group or dist.group.WORLD,
         )
         # Counted only now that the group's batch passed the checks: a rejected call changes no state.
         if counts_batches:

@@ -17,22 +17,24 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import kernels, plans  # noqa: F401  the kernels defined now, not inside the fake mode op bodies run in
+from .ops import counting
 
 
 def _launch(launcher, args):
     wrap_triton(launcher.kernel)[launcher.grid](*args, **launcher.options)
 
 
-@triton_op("tritonbn::forward_kernels", mutates_args=("running_mean", "running_var"))
+@triton_op("tritonbn::forward_kernels", mutates_args=("running_mean", "running_var", "batches"))
 def forward_kernels(input: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
                     running_mean: Tensor | None, running_var: Tensor | None, batches: Tensor | None, training: bool,
-                    momentum: float, eps: float, activation: str, negative_slope: float) -> tuple[Tensor, Tensor]:
+                    momentum: float | None, eps: float, activation: str, negative_slope: float
+                    ) -> tuple[Tensor, Tensor]:
     """(output, stats): the batch's mean and rstd, [2 * C], for backward (empty in eval); ``batches`` as for
     ``tritonbn::forward``."""
     plan = plans.traced_plan(input, weight, bias, residual, running_mean, running_var, training, activation,
-                             batches is not None)
-    output, workspace = plan(input, weight, bias, residual, running_mean, running_var,
-                             momentum if batches is None else batches, eps, negative_slope, launch=_launch)
+                             counting(batches, momentum))
+    output, workspace = plan(input, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope,
+                             batches, launch=_launch)
     return output, input.new_empty(0) if workspace is None else workspace[: 2 * input.shape[1]]
 
 

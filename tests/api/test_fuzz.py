@@ -5,7 +5,8 @@ A case draws a shape (2-D to 5-D, odd and prime sizes, N * spatial from 2 up), a
 residual and dy independently (contiguous, channels_last, spatial dims transposed, channels sliced out of a wider
 buffer, a storage offset, dims reversed, expanded), weight, bias and running statistics dense, strided or offset
 (the memory between their elements NaN, which must stay NaN and must not leak into a result), an activation,
-train or eval, momentum 0, 0.1, 1 or None (through the module, from a num_batches_tracked already counting), and
+train or eval, momentum 0, 0.1, 1 or None, through the functional API or the module (its num_batches_tracked
+already counting, momentum=None always through it), and
 half the time a forced configuration of small tiles and many splits for one of the variants; one case in ten puts
 a NaN or an inf into x and checks that the forward and the statistics carry it as PyTorch's do.
 
@@ -47,7 +48,8 @@ class Case:
     vectors: dict  # weight, bias (None: absent), running (None: no running statistics)
     activation: str
     training: bool
-    momentum: float | None  # None: momentum=None through the module, num_batches_tracked at `batches` before
+    momentum: float | None  # None: momentum=None (through the module)
+    module: bool  # through BatchNormActNd, whose num_batches_tracked counts from `batches`; else the functional API
     batches: int
     config: configs.KernelConfig | None
     poison: float | None  # a NaN or inf put into x (forward and statistics checked only)
@@ -83,7 +85,8 @@ def draw_case(rng: random.Random) -> Case:
                                       addressing=rng.choice(("native", "native", "strided")))
     poison = rng.choice((float("nan"), float("inf"), -float("inf"))) if rng.random() < 0.1 else None
     grads = tuple(rng.random() < 0.7 for _ in range(3))
-    return Case(shape, dtype, param_dtype, layouts, vectors, rng.choice(ACTIVATIONS), training, momentum,
+    module = momentum is None or (vectors["running"] is not None and rng.random() < 0.3)
+    return Case(shape, dtype, param_dtype, layouts, vectors, rng.choice(ACTIVATIONS), training, momentum, module,
                 rng.randrange(4), config, poison, grads)
 
 
@@ -202,7 +205,7 @@ def run_case(case: Case, rng: random.Random, device: str):
     for name, wants in zip(("weight", "bias", "residual"), case.grads):
         if on[name] is not None:  # a module's weight and bias are parameters (of the same strides)
             leaf = on[name].detach()
-            leaves[name] = nn.Parameter(leaf, wants) if case.momentum is None and name != "residual" else \
+            leaves[name] = nn.Parameter(leaf, wants) if case.module and name != "residual" else \
                 leaf.requires_grad_(wants)
     # Dense float64 copies: PyTorch's CPU batch norm backward reads a strided weight as if it were dense (NaN
     # from the gaps here, in torch 2.13), and a float64 running statistic must not be updated twice.
@@ -211,9 +214,9 @@ def run_case(case: Case, rng: random.Random, device: str):
     reference_running = [None if t is None else t.cpu().double().clone(memory_format=torch.contiguous_format)
                          for t in (running_mean, running_var)]
 
-    if case.momentum is None:
-        factor = 1.0 / (case.batches + 1)
-        module = MODULES[len(case.shape)](C, momentum=None, affine=False, activation=case.activation,
+    if case.module:
+        factor = 1.0 / (case.batches + 1) if case.momentum is None else case.momentum
+        module = MODULES[len(case.shape)](C, momentum=case.momentum, affine=False, activation=case.activation,
                                           negative_slope=0.2).to(device)
         module.weight, module.bias = leaves.get("weight"), leaves.get("bias")
         module.running_mean, module.running_var = on["running_mean"], on["running_var"]
@@ -242,8 +245,8 @@ def run_case(case: Case, rng: random.Random, device: str):
         if buffer is not None:
                 assert _gaps_untouched(buffer, {"weight": weight, "bias": bias, "running_mean": running_mean,
                                             "running_var": running_var}[name]), f"memory around {name} was written"
-    if case.momentum is None and case.training:
-        assert int(module.num_batches_tracked) == case.batches + 1
+    if case.module:
+        assert int(module.num_batches_tracked) == case.batches + case.training, "num_batches_tracked"
     if case.poison is not None:
         return  # gradients through a NaN are PyTorch's own business
 

@@ -180,6 +180,6 @@ def test_int64_indices_give_the_same_results(device, monkeypatch):
     expected = run()
     for module in (forward, backward):
         monkeypatch.setattr(module, "needs_int64", lambda *args: True)
-    monkeypatch.setattr(plans, "_PLANS", {})  # plan anew, with int64 offsets
+    monkeypatch.setattr(plans, "PLANS", {})  # plan anew, with int64 offsets
     for got, want in zip(run(), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -54,7 +54,7 @@ def _params():
 @pytest.fixture
 def planned_with(monkeypatch):
     """A context manager planning every call inside it with the given configuration (plans made anew)."""
-    monkeypatch.setattr(plans, "_PLANS", {})
+    monkeypatch.setattr(plans, "PLANS", {})
     return configs.override
 
 
