@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .constants import BACKENDS, DTYPES, LAYOUTS, MODES, activations
+from .constants import BACKENDS, DTYPES, LAYOUTS, MODES, OPTIONAL_BACKENDS, activations
 
 
 class UsageError(Exception):
@@ -255,18 +255,32 @@ def _sweep(args):
     _writable_file(args.out)
     if os.path.isfile(args.out) and os.path.getsize(args.out):
         _sweep_rows(args.out)  # rows are merged into it at the end: it must be a sweep CSV
-    presets = _flatten(args.preset) or ([] if args.shape else ["resnet50" if device.type == "cuda" else "tiny"])
+    presets = _flatten(args.preset) or ([] if args.shape else [_default_preset(device)])
     cases = [(name, case) for name in presets for case in preset_shapes(name, args.batch)]
     cases += [("custom", ShapeCase(shape)) for shape in args.shape]
     residuals = {"off": [False], "on": [True], "both": [False, True]}[args.residual]
     cfgs = sweep.configs(cases, args.dtype, args.layout, args.activation, residuals, args.mode)
     backends, skipped = resolve(args.backend)
     for name, reason in skipped.items():
-        print(f"skipping backend {name}: {reason}", file=sys.stderr)
+        optional = ", an optional comparison with another library, run only where it is installed" \
+            if name in OPTIONAL_BACKENDS else ""
+        print(f"skipping backend {name}{optional}: {reason}", file=sys.stderr)
     rows = sweep.run(cfgs, backends, skipped, device, args.out, progress=not args.no_progress, seed=args.seed,
                      budget_s=args.budget_s)
     print(f"wrote {args.out} ({len(rows)} rows)")
     return 0
+
+
+def _default_preset(device) -> str:
+    """resnet50 on a GPU; on a CPU tiny, said so, with why."""
+    import torch
+
+    if device.type == "cuda":
+        return "resnet50"
+    where = "a CPU" if torch.cuda.is_available() else "a CPU (no GPU here)"
+    print(f"sweep: preset tiny, the default on {where}: its shapes take seconds there, ResNet-50's would take "
+          "hours; --preset chooses others", file=sys.stderr)
+    return "tiny"
 
 
 def _report(args):

@@ -38,6 +38,11 @@ def test_report_files(tiny_csv, tmp_path):
     md = (out / "report.md").read_text()
     assert "**Warning: these timings are not performance.**" in md.splitlines()[2]
     assert f"torch {torch.__version__}" in md and "Device: cpu" in md
+    stamps = sorted(r["timestamp"] for r in results.read_rows(tiny_csv))  # each row's own time
+    measured = f"- Measured: {stamps[0]} to {stamps[-1]} (the first and the last row's)" if stamps[0] != stamps[-1] \
+        else f"- Measured: {stamps[0]} (every row records this one time)"
+    assert measured in md
+    assert "`cpu-pytorch` (wall time on a CPU, PyTorch's own CPU code): eager" in md  # eager's label is its own
     assert "| fwd | tritonbn |" in md and "| fwd_bwd | tritonbn |" in md
     assert "| mode | backend | e2e vs eager | e2e vs compile | device vs eager | device vs compile | configs |" in md
     assert "## Host- or device-bound, per shape" in md and "## Slowest shapes" in md
