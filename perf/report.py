@@ -174,7 +174,8 @@ def _timing_text(rows) -> str:
 def _measured_text(rows) -> str:
     stamps = sorted(r["timestamp"] for r in rows)
     if stamps[0] == stamps[-1]:
-        return stamps[0] + (" (every row records this one time)" if len(rows) > 1 else "")
+        return stamps[0] + (" (every row records this one time; sweeps before per-row times recorded when they "
+                             "started)" if len(rows) > 1 else "")
     return f"{stamps[0]} to {stamps[-1]} (the first and the last row's)"
 
 
@@ -195,7 +196,7 @@ def _header_lines(rows, csv_path) -> list[str]:
         f"- Git commit: {provenance.commit(rows, provenance.read(Path(csv_path).parent))}",
         f"- Measured: {_measured_text(rows)}",
         f"- Timing (e2e), per label: {_timing_text(rows)}",
-        f"- Device copy bandwidth measured in the same run: {fmt(geomean(r['copy_gbps'] for r in rows))} GB/s",
+        f"- Device copy bandwidth measured in the same run: {fmt(geomean(r['copy_gbps'] for r in rows), '.4g')} GB/s",
         f"- Device time: {device_time}",
         "- Effective bandwidth uses the minimum-bytes model of `tritonbn.perf.bandwidth` (fwd: read x, write "
         "y; bwd: read dy and x, write dx; a residual adds its reads and writes).",
