@@ -1,4 +1,5 @@
-"""Every Python block of README.md and docs/*.md runs as written, and every docs page is linked from the README.
+"""Every Python block of README.md and docs/*.md runs as written; every docs page is linked from the README, and
+every relative link points to a file.
 
 Each block runs on its own, in a fresh namespace, from the repository's root: a reader copies one block, so
 each must define every name it uses. In this suite, on a CPU, the kernels run under Triton's interpreter; the
@@ -58,6 +59,14 @@ def test_every_docs_page_is_linked_from_the_readme():
     assert len(PAGES) > 1
     for page in PAGES[1:]:
         assert f"(docs/{page.name})" in readme, page.name
+
+
+def test_every_relative_link_points_to_a_file():
+    for page in PAGES:
+        prose = re.sub(r"^```.*?^```|`[^`\n]*`", "", page.read_text(), flags=re.DOTALL | re.MULTILINE)  # no code
+        for target in re.findall(r"\]\(([^)#\s]+)\)", prose):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.name}: {target}"
 
 
 def test_blocks_are_found_and_their_needs_known():
