@@ -25,11 +25,12 @@ from .plan import (
     LAYOUT_NAMES,
     Tiling,
     counters,
-    dense,
+    dense_vectors,
     kernel_strides,
     layout_family,
     ncs_strides,
     needs_int64,
+    operand_layout,
     output_layout,
     split_float,
 )
@@ -133,6 +134,7 @@ def backward_kernel(
     r_sa, r_sc, r_sb,  # strides of the residual
     dz_sa, dz_sc, dz_sb,  # strides of dz
     dx_sa, dx_sc, dx_sb,  # strides of dx
+    w_s, b_s, rm_s, rv_s,  # element strides of weight, bias, running_mean and running_var
     PHASE: tl.constexpr,  # PARTIALS, TICKET, APPLY or PERSISTENT (tiles.py)
     STATS: tl.constexpr,  # GIVEN (training) or RUNNING (eval)
     SUMS: tl.constexpr,  # APPLY in training: GIVEN (totals at sums_ptr) or MERGE (add the partials here)
@@ -148,9 +150,9 @@ def backward_kernel(
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     cols, col_mask = channel_block(C, BLOCK_C)
-    mean, rstd = channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols, col_mask,
-                               STATS, COMPUTE)
-    scale, bias = affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
+    mean, rstd = channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo, C, cols,
+                               col_mask, STATS, COMPUTE)
+    scale, bias = affine(rstd, weight_ptr, bias_ptr, w_s, b_s, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     negative_slope = scalar(slope_hi, slope_lo, mean)
     num_splits = tl.num_programs(1)
     first, end = split_tiles(num_tiles, tiles_per_split)
@@ -242,22 +244,20 @@ def backward_kernel(
 
 class BackwardPlan:
     """A backward call's layouts, buffers and launches, made once per forward plan, gradient layout and set
-    of gradients wanted: (input, weight, bias, residual)."""
+    of gradients wanted: (input, weight, bias, residual). Tensors are addressed as the forward plan's are."""
 
     def __init__(self, forward, dy, weight, bias, residual, needs, config=None, cooperative=True):
         need_input, need_weight, need_bias, need_residual = needs
         shape, N, C, S = forward.shape, forward.N, forward.C, forward.S
         identity = forward.activation_id == IDENTITY.value
         self.forward = forward
-        self.copy_params = forward.copy_params or not forward.dense_running
-        self.copy_dy = ncs_strides(shape, dy.stride()) is None
+        dy_ncs, self.copy_dy = operand_layout(shape, dy.stride())
         self.dx_stride = output_layout(shape, forward.out_stride)[0]
         # The residual is only read to recompute z, which the identity does not need.
         has_residual = residual is not None and not identity
+        self.copy_residual = has_residual and forward.copy_residual
         grad_ncs = ncs_strides(shape, self.dx_stride)  # dx's and dz's: both are allocated in that layout
-        all_ncs = [ncs_strides(shape, forward.out_stride if self.copy_dy else dy.stride()), forward.x_ncs,
-                   ncs_strides(shape, forward.out_stride if forward.copy_residual else residual.stride())
-                   if has_residual else forward.x_ncs, grad_ncs]
+        all_ncs = [dy_ncs, forward.x_ncs, forward.r_ncs if has_residual else forward.x_ncs, grad_ncs]
         family = layout_family(N, S, all_ncs)
         self.config = config or choose("bwd", forward.dtype, LAYOUT_NAMES[family], N, C, S, dy.device)
         self.tiling = tiling = Tiling(self.config, family, N, C, S, dy.device)
@@ -289,7 +289,7 @@ class BackwardPlan:
         self.counter_slots = tiling.channel_blocks + 1 if variant in ("ticket", "persistent") else 0
         self.uses_sums = variant != "apply"
         tail = (forward.count, *tiling.sizes(N, C, S), tiling.num_splits, *strides[0], *strides[1], *strides[2],
-                *strides[3], *strides[3])
+                *strides[3], *strides[3], *(1 if step is None else step for step in forward.vector_strides))
         tile = tiling.constexprs(needs_int64(shape, all_ncs), forward.compute)
         stats = (GIVEN if forward.training else RUNNING).value
         self.direct_ready = False  # every launcher compiled, so a call may pass addresses (launch.launch_all)
@@ -306,15 +306,16 @@ class BackwardPlan:
                  launch=None):
         """(grad input, grad weight, grad bias, grad residual), None for those not wanted; ``launch`` as for
         ForwardPlan."""
+        forward = self.forward
         if self.copy_dy:
             dy = dy.contiguous()
-        if self.forward.copy_input:
+        if forward.copy_input:
             x = x.contiguous()
-        if residual is not None and self.forward.copy_residual:
+        if self.copy_residual:
             residual = residual.contiguous()
-        if self.copy_params:
-            weight, bias, running_mean, running_var = map(dense, (weight, bias, running_mean, running_var))
-        forward = self.forward
+        if forward.copy_vectors:
+            weight, bias, running_mean, running_var = dense_vectors(forward.vector_strides, weight, bias,
+                                                                    running_mean, running_var)
         device, shape = forward.device, forward.shape
         dx = torch.empty_strided(shape, self.dx_stride, dtype=x.dtype, device=device) if self.need_input else None
         dz = torch.empty_strided(shape, self.dx_stride, dtype=self.dz_dtype, device=device) if self.need_dz else None

@@ -13,7 +13,7 @@ Traffic in passes over one activation tensor (the residual adds its own read):
   training, two launches: read x (moments), read x + write y (normalise)   = 3
   training, persistent:   read x, write y                                   = 2
   eval:                   read x + write y                                  = 2
-The workspace holds [2, C] mean and rstd (what backward needs), then the [3, splits, C] partials.
+The workspace holds [2, C] mean and rstd (what backward needs), then the [4, splits, C] partials.
 """
 
 import torch
@@ -30,16 +30,18 @@ from .plan import (
     Tiling,
     compute_dtype,
     counters,
-    dense,
+    dense_vectors,
     device_index,
     kernel_strides,
     layout_family,
     ncs_strides,
     needs_int64,
+    operand_layout,
     output_layout,
     spatial_size,
     split_float,
     stats_dtype,
+    vector_stride,
 )
 from .tiles import (
     APPLY,
@@ -72,17 +74,32 @@ def _load_tile(x_ptr, t, R, N, S, s_tiles, cols, col_mask, x_sa, x_sc, x_sb, LAY
 
 
 @triton.jit
+def _finite_or_zero(value):
+    """``value`` where it is finite, else 0: a shift that is inf or NaN would turn every deviation into NaN,
+    where the statistics must show an inf as PyTorch's do (mean inf, variance NaN)."""
+    return tl.where(value - value == 0.0, value, 0.0)
+
+
+@triton.jit
+def _nonnegative(m2):
+    """M2 with rounding's small negative values clamped to 0 and NaN kept (``tl.maximum`` would drop it)."""
+    return tl.where(m2 < 0.0, 0.0, m2)
+
+
+@triton.jit
 def _split_moments(x, mask, rows, x_ptr, t, end, R, N, S, s_tiles, cols, col_mask, x_sa, x_sc, x_sb,
                    LAYOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_I64: tl.constexpr,
                    COMPUTE: tl.constexpr):
-    """(count, mean, M2) per channel of a split whose first tile is loaded (``x``, ``mask``, ``rows``) and whose
-    other tiles run from ``t`` to ``end``.
+    """(count, mean head, mean tail, M2) per channel of a split whose first tile is loaded (``x``, ``mask``,
+    ``rows``) and whose other tiles run from ``t`` to ``end``.
 
     Deviations are taken from the first tile's mean (which they all stay close to, so a channel with mean
     1e4 and std 1 keeps full precision) and summed per lane, FMA only: one cross-thread reduction at the end
-    instead of one per tile.
+    instead of one per tile. The mean leaves as a float32 head and its rounding error (an exact two-sum),
+    so the merge across splits loses nothing to the head's rounding (which, at mean 1e4 and std 1, would be
+    1e-5 of the variance).
     """
-    shift = tl.sum(x, axis=0) / rows
+    shift = _finite_or_zero(tl.sum(x, axis=0) / rows)
     deviation = tl.where(mask, x - shift[None, :], 0.0)
     sum_dev = deviation
     sum_sq = deviation * deviation
@@ -97,20 +114,29 @@ def _split_moments(x, mask, rows, x_ptr, t, end, R, N, S, s_tiles, cols, col_mas
         t += 1
     total_dev = tl.sum(sum_dev, axis=0)
     offset = total_dev / count
-    m2 = tl.maximum(tl.sum(sum_sq, axis=0) - total_dev * offset, 0.0)
-    return tl.zeros_like(shift) + count, shift + offset, m2
+    m2 = _nonnegative(tl.sum(sum_sq, axis=0) - total_dev * offset)
+    # Two-sum: head + tail == shift + offset exactly; a non-finite head gets no tail (inf - inf would be NaN).
+    head = shift + offset
+    offset_part = head - shift
+    tail = (shift - (head - offset_part)) + (offset - offset_part)
+    return tl.zeros_like(shift) + count, head, tl.where(head - head == 0.0, tail, 0.0), m2
 
 
 @triton.jit
 def _merge_moments(part_ptr, C, cols, col_mask, num_splits, SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
                    COMPUTE: tl.constexpr):
-    """(count, mean, M2) of the channels ``cols`` from [3, num_splits, C] partials (counts, means, M2s).
+    """(count, mean, M2) of the channels ``cols`` from [4, num_splits, C] partials (counts, mean heads, mean
+    tails, M2s).
 
     The parallel-variance merge, M2 = sum of (M2_i + n_i (mean_i - mean)^2), in [SPLIT_BLOCK, BLOCK_C] tiles
-    in split order, with deviations from split 0's mean (exact for large means): the same bits in every
-    program that merges. Loads bypass L1: other programs of the same launch may have written them.
+    in split order, with deviations (head_i - head_0) + tail_i from split 0's head: the heads' difference is
+    exact (they are close) and the tails carry what the heads rounded off, so the merge is as precise as one
+    split. The same bits in every program that merges. Loads bypass L1: other programs of the same launch
+    may have written them.
     """
-    shift = tl.load(part_ptr + num_splits * C + cols, mask=col_mask, other=0.0, cache_modifier=".cg").to(COMPUTE)
+    split_size = num_splits * C
+    shift = _finite_or_zero(tl.load(part_ptr + split_size + cols, mask=col_mask, other=0.0,
+                                    cache_modifier=".cg").to(COMPUTE))
     count = tl.zeros([BLOCK_C], dtype=COMPUTE)
     sum_dev = tl.zeros([BLOCK_C], dtype=COMPUTE)
     sum_sq = tl.zeros([BLOCK_C], dtype=COMPUTE)
@@ -120,25 +146,36 @@ def _merge_moments(part_ptr, C, cols, col_mask, num_splits, SPLIT_BLOCK: tl.cons
         offsets = splits[:, None] * C + cols[None, :]
         mask = (splits < num_splits)[:, None] & col_mask[None, :]
         counts = tl.load(part_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(COMPUTE)
-        means = tl.load(part_ptr + num_splits * C + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-        m2s = tl.load(part_ptr + 2 * num_splits * C + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-        deviation = tl.where(mask, means.to(COMPUTE) - shift[None, :], 0.0)
+        heads = tl.load(part_ptr + split_size + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(COMPUTE)
+        tails = tl.load(part_ptr + 2 * split_size + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        m2s = tl.load(part_ptr + 3 * split_size + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        deviation = tl.where(mask, (heads - shift[None, :]) + tails.to(COMPUTE), 0.0)
         count += tl.sum(counts, axis=0)
         sum_dev += tl.sum(counts * deviation, axis=0)
         sum_sq += tl.sum(m2s.to(COMPUTE) + counts * deviation * deviation, axis=0)
         first += SPLIT_BLOCK
     count = tl.where(col_mask, count, 1.0)  # channels past C: no 0 / 0 (which the interpreter warns about)
     offset = sum_dev / count
-    return count, shift + offset, tl.maximum(sum_sq - sum_dev * offset, 0.0)
+    return count, shift + offset, _nonnegative(sum_sq - sum_dev * offset)
 
 
 @triton.jit
-def _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo, C, cols,
-              col_mask, num_splits, store, UPDATE_RUNNING: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-              BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
+def _running_factor(momentum_hi, momentum_lo, batches_ptr, like, CUMULATIVE: tl.constexpr):
+    """The running averages' factor, shaped like ``like``: ``momentum`` (a float32 head and tail), or with
+    CUMULATIVE (``momentum=None``) 1 / num_batches_tracked, read on the device where the module counted it."""
+    if CUMULATIVE:
+        return 1.0 / (tl.zeros_like(like) + tl.load(batches_ptr).to(like.dtype))
+    return scalar(momentum_hi, momentum_lo, like)
+
+
+@triton.jit
+def _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo, momentum_hi, momentum_lo,
+              batches_ptr, C, cols, col_mask, num_splits, store, UPDATE_RUNNING: tl.constexpr,
+              CUMULATIVE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
     """(mean, rstd) of the batch from the partials after the workspace's [2, C] statistics; those
-    are stored there and the running statistics move towards the batch's (unbiased variance, as PyTorch),
-    where ``store`` holds."""
+    are stored there and the running statistics move towards the batch's (unbiased variance), where ``store``
+    holds: factor * batch + (1 - factor) * running, PyTorch's own formula, so a factor of 1 gives the batch's
+    statistics exactly and an inf running value stays inf where the factor is below 1."""
     count, mean, m2 = _merge_moments(workspace_ptr + 2 * C, C, cols, col_mask, num_splits, SPLIT_BLOCK, BLOCK_C,
                                      COMPUTE)
     rstd = 1.0 / tl.sqrt(m2 / count + scalar(eps_hi, eps_lo, mean))
@@ -146,14 +183,16 @@ def _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, 
         tl.store(workspace_ptr + cols, mean, mask=col_mask)
         tl.store(workspace_ptr + C + cols, rstd, mask=col_mask)
         if UPDATE_RUNNING:
-            momentum = scalar(momentum_hi, momentum_lo, mean)
-            running_mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
-            running_var = tl.load(running_var_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
-            running_mean += momentum * (mean - running_mean)
+            factor = _running_factor(momentum_hi, momentum_lo, batches_ptr, mean, CUMULATIVE)
+            keep = 1.0 - factor
+            running_mean = tl.load(running_mean_ptr + cols * rm_s, mask=col_mask, other=0.0).to(COMPUTE)
+            running_var = tl.load(running_var_ptr + cols * rv_s, mask=col_mask, other=0.0).to(COMPUTE)
+            running_mean = factor * mean + keep * running_mean
             # Unbiased, as PyTorch; channels past C (count 1 there) divide by 1, not 0.
-            running_var += momentum * (m2 / tl.where(col_mask, count - 1.0, 1.0) - running_var)
-            tl.store(running_mean_ptr + cols, running_mean.to(running_mean_ptr.dtype.element_ty), mask=col_mask)
-            tl.store(running_var_ptr + cols, running_var.to(running_var_ptr.dtype.element_ty), mask=col_mask)
+            running_var = factor * (m2 / tl.where(col_mask, count - 1.0, 1.0)) + keep * running_var
+            tl.store(running_mean_ptr + cols * rm_s, running_mean.to(running_mean_ptr.dtype.element_ty),
+                     mask=col_mask)
+            tl.store(running_var_ptr + cols * rv_s, running_var.to(running_var_ptr.dtype.element_ty), mask=col_mask)
     return mean, rstd
 
 
@@ -180,12 +219,13 @@ def forward_kernel(
     x_ptr,  # input
     y_ptr,  # out (APPLY, PERSISTENT): act((x - mean) * rstd * weight + bias [+ residual]), output dtype
     residual_ptr,  # residual added before the activation (read when HAS_RESIDUAL)
-    workspace_ptr,  # [2, C] mean and rstd (out, or in when GIVEN), then the [3, num_splits, C] partials
+    workspace_ptr,  # [2, C] mean and rstd (out, or in when GIVEN), then the [4, num_splits, C] partials
     counters_ptr,  # int32 ticket counters and grid barrier (tiles.py), zero at rest
     weight_ptr, bias_ptr,  # [C] affine parameters (read when HAS_WEIGHT / HAS_BIAS)
     running_mean_ptr, running_var_ptr,  # [C] folded in eval (STATS == RUNNING), updated when UPDATE_RUNNING
+    batches_ptr,  # num_batches_tracked, whose reciprocal is the running-average factor when CUMULATIVE
     eps_hi, eps_lo,  # eps as a float32 head and tail
-    momentum_hi, momentum_lo,  # running-average factor as a float32 head and tail
+    momentum_hi, momentum_lo,  # running-average factor as a float32 head and tail (unless CUMULATIVE)
     slope_hi, slope_lo,  # leaky_relu's negative slope as a float32 head and tail
     R, N, C, S,  # rows (N * S), samples, channels, spatial size (product of the dims after C; 1 for 2-D)
     s_tiles, num_tiles, tiles_per_split,  # PLANES: tiles per sample run; tiles in all; tiles per split
@@ -193,9 +233,11 @@ def forward_kernel(
     x_sa, x_sc, x_sb,  # strides of x (plan.kernel_strides)
     y_sa, y_sc, y_sb,  # strides of y
     r_sa, r_sc, r_sb,  # strides of the residual
+    w_s, b_s, rm_s, rv_s,  # element strides of weight, bias, running_mean and running_var
     PHASE: tl.constexpr,  # PARTIALS, TICKET, APPLY or PERSISTENT (tiles.py)
     STATS: tl.constexpr,  # APPLY: GIVEN, MERGE or RUNNING (tiles.py)
     UPDATE_RUNNING: tl.constexpr,  # fold the batch statistics into the running ones
+    CUMULATIVE: tl.constexpr,  # the factor is 1 / num_batches_tracked (momentum=None), not momentum
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr,  # activation id, see activations.py
     LAYOUT: tl.constexpr,  # ROWS, PLANES or STRIDED (plan.py)
@@ -210,29 +252,32 @@ def forward_kernel(
     if PHASE != APPLY:
         x, mask, rows = _load_tile(x_ptr, first, R, N, S, s_tiles, cols, col_mask, x_sa, x_sc, x_sb, LAYOUT,
                                    BLOCK_R, BLOCK_S, INDEX_I64, COMPUTE)
-        count, mean, m2 = _split_moments(x, mask, rows, x_ptr, first + 1, end, R, N, S, s_tiles, cols, col_mask,
-                                         x_sa, x_sc, x_sb, LAYOUT, BLOCK_R, BLOCK_S, INDEX_I64, COMPUTE)
+        count, head, tail, m2 = _split_moments(x, mask, rows, x_ptr, first + 1, end, R, N, S, s_tiles, cols,
+                                               col_mask, x_sa, x_sc, x_sb, LAYOUT, BLOCK_R, BLOCK_S, INDEX_I64,
+                                               COMPUTE)
         partials = workspace_ptr + 2 * C + tl.program_id(1) * C + cols
         tl.store(partials, count, mask=col_mask)
-        tl.store(partials + num_splits * C, mean, mask=col_mask)
-        tl.store(partials + 2 * num_splits * C, m2, mask=col_mask)
+        tl.store(partials + num_splits * C, head, mask=col_mask)
+        tl.store(partials + 2 * num_splits * C, tail, mask=col_mask)
+        tl.store(partials + 3 * num_splits * C, m2, mask=col_mask)
         if PHASE == TICKET:
             if take_ticket(counters_ptr, num_splits):
-                _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
-                          C, cols, col_mask, num_splits, True, UPDATE_RUNNING, SPLIT_BLOCK, BLOCK_C, COMPUTE)
+                _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo, momentum_hi,
+                          momentum_lo, batches_ptr, C, cols, col_mask, num_splits, True, UPDATE_RUNNING, CUMULATIVE,
+                          SPLIT_BLOCK, BLOCK_C, COMPUTE)
     if PHASE == PERSISTENT:
         grid_barrier(counters_ptr)
     if PHASE == APPLY or PHASE == PERSISTENT:
         if PHASE == PERSISTENT or STATS == MERGE:
             # Every program merges its channels' partials; split 0's programs store them and update.
             partial_splits = num_splits if PHASE == PERSISTENT else num_partials
-            mean, rstd = _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, momentum_hi,
-                                   momentum_lo, C, cols, col_mask, partial_splits, tl.program_id(1) == 0,
-                                   UPDATE_RUNNING, SPLIT_BLOCK, BLOCK_C, COMPUTE)
+            mean, rstd = _finalize(workspace_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo,
+                                   momentum_hi, momentum_lo, batches_ptr, C, cols, col_mask, partial_splits,
+                                   tl.program_id(1) == 0, UPDATE_RUNNING, CUMULATIVE, SPLIT_BLOCK, BLOCK_C, COMPUTE)
         else:
-            mean, rstd = channel_stats(workspace_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols,
-                                       col_mask, STATS, COMPUTE)
-        scale, bias = affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
+            mean, rstd = channel_stats(workspace_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo, C,
+                                       cols, col_mask, STATS, COMPUTE)
+        scale, bias = affine(rstd, weight_ptr, bias_ptr, w_s, b_s, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
         negative_slope = scalar(slope_hi, slope_lo, mean)
         if PHASE == PERSISTENT:  # the split's one tile, still in registers
             _normalize_tile(x, first, y_ptr, residual_ptr, mean, scale, bias, negative_slope, R, N, S, s_tiles, cols,
@@ -258,17 +303,23 @@ class ForwardPlan:
     """Everything a forward call needs that depends only on its tensors' shapes, strides and dtypes, its
     options and the configuration: the layouts, the tiling, the buffers to allocate and the launches.
 
+    Every tensor is addressed by its own strides (``operand_layout``, ``vector_stride``); one whose layout the
+    kernels cannot address is read from a contiguous copy, and a running statistic of that kind is updated
+    through one and copied back. ``cumulative``: the running-average factor is 1 / num_batches_tracked
+    (``momentum=None``), read on the device from the counter a call passes as ``momentum``.
     Backward plans for the same forward hang off it (``backward_plans``), so backward finds its own with one
     dictionary look-up. ``config`` overrides the tuning table's choice (``tritonbn-perf tune``, the tests).
     """
 
-    def __init__(self, x, weight, bias, residual, running_mean, training, activation_id, config=None, cooperative=True):
+    def __init__(self, x, weight, bias, residual, running_mean, running_var, training, activation_id, config=None,
+                 cooperative=True, cumulative=False):
         shape, stride = tuple(x.shape), x.stride()
         self.out_dtype = output_dtype(x, residual)
-        self.out_stride, self.copy_input = output_layout(shape, stride)
+        self.out_stride = output_layout(shape, stride)[0]
         self.shape = shape
-        self.x_ncs = ncs_strides(shape, self.out_stride if self.copy_input else stride)
-        self.copy_residual = residual is not None and ncs_strides(shape, residual.stride()) is None
+        self.x_ncs, self.copy_input = operand_layout(shape, stride)
+        self.r_ncs, self.copy_residual = operand_layout(shape, residual.stride()) if residual is not None else (
+            None, False)
         self.N, self.C, self.S = shape[0], shape[1], spatial_size(shape)
         self.R = self.count = self.N * self.S  # values per channel the statistics are taken over
         self.empty = self.R == 0 or self.C == 0
@@ -277,16 +328,14 @@ class ForwardPlan:
         self.compute = compute_dtype(x.dtype)
         self.training = training
         self.update_running = training and running_mean is not None
-        self.dense_running = running_mean is None or running_mean.stride() == (1,)
-        # The kernels index per-channel tensors as dense vectors; a strided one (a view) is copied per call.
-        self.copy_params = any(t is not None and t.stride() != (1,) for t in (weight, bias))
+        self.vector_strides = tuple(map(vector_stride, (weight, bias, running_mean, running_var)))
+        self.copy_vectors = None in self.vector_strides  # rare: read (and updated) through dense copies
         self.activation_id = activation_id
         self.needs_residual = residual is not None and activation_id != IDENTITY.value  # to rebuild z in backward
         self.cooperative = cooperative
+        self.cumulative = cumulative and self.update_running
         self.backward_plans = {}
-        all_ncs = [self.x_ncs, ncs_strides(shape, self.out_stride)]
-        if residual is not None:
-            all_ncs.append(ncs_strides(shape, self.out_stride if self.copy_residual else residual.stride()))
+        all_ncs = [self.x_ncs, ncs_strides(shape, self.out_stride)] + ([self.r_ncs] if residual is not None else [])
         family = layout_family(self.N, self.S, all_ncs)
         self.config = config or choose("fwd" if training else "eval", x.dtype, LAYOUT_NAMES[family], self.N, self.C,
                                        self.S, x.device)
@@ -294,9 +343,11 @@ class ForwardPlan:
         strides = [kernel_strides(tiling.layout, self.S, ncs) for ncs in all_ncs] + [(0, 0, 0)]
         self.device = x.device
         self.index = device_index(x.device)
-        self.workspace_numel = 2 * self.C + 3 * tiling.num_splits * self.C  # mean and rstd, then the partials
-        flags = (self.update_running, weight is not None, bias is not None, residual is not None, activation_id)
-        tail = (*tiling.sizes(self.N, self.C, self.S), tiling.num_splits, *strides[0], *strides[1], *strides[2])
+        self.workspace_numel = 2 * self.C + 4 * tiling.num_splits * self.C  # mean and rstd, then the partials
+        flags = (self.update_running, self.cumulative, weight is not None, bias is not None, residual is not None,
+                 activation_id)
+        tail = (*tiling.sizes(self.N, self.C, self.S), tiling.num_splits, *strides[0], *strides[1], *strides[2],
+                *(1 if step is None else step for step in self.vector_strides))
         tile = tiling.constexprs(needs_int64(shape, all_ncs), self.compute)
         variant = self.config.variant if training else "eval"
         if variant == "persistent" and (tiling.multiprocessors is None or not cooperative):
@@ -314,7 +365,8 @@ class ForwardPlan:
 
     def __call__(self, x, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope,
                  launch=None):
-        """(y, the workspace that begins with the batch's mean and rstd; None in eval).
+        """(y, the workspace that begins with the batch's mean and rstd; None in eval). ``momentum`` is the
+        num_batches_tracked counter where the plan is ``cumulative``.
 
         ``launch(launcher, arguments)``, where given, launches instead of the launchers (torch.compile's triton
         ops: see tritonbn/triton_ops.py); the ticket counters are then this call's own, zeroed."""
@@ -322,32 +374,32 @@ class ForwardPlan:
             x = x.contiguous()
         if self.copy_residual:
             residual = residual.contiguous()
-        if self.copy_params:
-            weight, bias = dense(weight), dense(bias)
+        if self.copy_vectors:
+            targets = running_mean, running_var
+            weight, bias, running_mean, running_var = dense_vectors(self.vector_strides, weight, bias, running_mean,
+                                                                    running_var)
         device = self.device
         y = torch.empty_strided(self.shape, self.out_stride, dtype=self.out_dtype, device=device)
         workspace = torch.empty(self.workspace_numel, dtype=self.stats_dtype, device=device) if self.training else None
         if self.empty:
             return y, workspace
-        if not self.dense_running:  # the kernel updates dense copies of strided running statistics
-            targets = running_mean, running_var
-            running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
         if launch is None:
             stream = current_stream(self.index)
             direct = direct_stream(stream, (x, residual, weight, bias, running_mean, running_var))
             count = counters(device, stream, self.counter_slots) if self.counter_slots else x
         else:
             count = torch.zeros(self.counter_slots, dtype=torch.int32, device=device) if self.counter_slots else x
+        batches, momentum = (momentum, 0.0) if self.cumulative else (x, momentum)
         tensors = (x, y, x if residual is None else residual, x if workspace is None else workspace, count,
                    x if weight is None else weight, x if bias is None else bias,
-                   x if running_mean is None else running_mean, x if running_var is None else running_var)
+                   x if running_mean is None else running_mean, x if running_var is None else running_var, batches)
         floats = (*split_float(eps), *split_float(momentum), *split_float(negative_slope))
         if launch is None:
             launch_all(self, direct, tensors, floats)
         else:
             for launcher, tail in self.launches:
                 launch(launcher, (*tensors, *floats, *tail))
-        if not self.dense_running and self.update_running:
+        if self.copy_vectors and self.update_running:
             for target, updated in zip(targets, (running_mean, running_var)):
                 target.copy_(updated)
         return y, workspace

@@ -29,6 +29,7 @@ from .plan import (
 from .tiles import APPLY, GIVEN, PARTIALS
 
 _UNUSED = (0, 0, 0)
+_VECTORS = (1, 1, 1, 1)  # element strides of weight, bias and the running statistics: dense here
 
 
 def _addressable(t):
@@ -61,14 +62,15 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x, x_ncs = _addressable(x)
     run = _Launch("fwd", x, [x_ncs])
     C, splits = run.C, run.tiling.num_splits
-    workspace = torch.empty(2 * C + 3 * splits * C, dtype=stats_dtype(x.dtype), device=x.device)
+    workspace = torch.empty(2 * C + 4 * splits * C, dtype=stats_dtype(x.dtype), device=x.device)
     forward_kernel[run.tiling.grid](
-        x, x, x, workspace, x, x, x, x, x, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, *run.head(), *run.strides, *_UNUSED,
-        *_UNUSED, PARTIALS.value, GIVEN.value, False, False, False, False, 0, *run.tile,
+        x, x, x, workspace, x, x, x, x, x, x, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, *run.head(), *run.strides, *_UNUSED,
+        *_UNUSED, *_VECTORS, PARTIALS.value, GIVEN.value, False, False, False, False, False, 0, *run.tile,
         num_warps=run.tiling.num_warps)
-    counts, means, m2s = workspace[2 * C:].view(3, splits, C)
+    counts, heads, tails, m2s = workspace[2 * C:].double().view(4, splits, C)
+    means = heads + tails
     mean = (counts * means).sum(0) / counts.sum(0)  # Chan et al.: exact merge of the splits' (count, mean, M2)
-    return mean, (m2s + counts * (means - mean).square()).sum(0)
+    return mean.to(workspace.dtype), (m2s + counts * (means - mean).square()).sum(0).to(workspace.dtype)
 
 
 def normalize_act(x, mean, rstd, weight, bias, activation, negative_slope, residual):
@@ -81,8 +83,9 @@ def normalize_act(x, mean, rstd, weight, bias, activation, negative_slope, resid
     run = _Launch("fwd", x, all_ncs)
     strides = run.strides + list(_UNUSED) * (3 - len(all_ncs))
     forward_kernel[run.tiling.grid](
-        x, y, residual, torch.stack([mean, rstd]), x, _or(weight, x), _or(bias, x), x, x, 0.0, 0.0, 0.0, 0.0,
-        *split_float(negative_slope), *run.head(), *strides, APPLY.value, GIVEN.value, False, weight is not None,
+        x, y, residual, torch.stack([mean, rstd]), x, _or(weight, x), _or(bias, x), x, x, x, 0.0, 0.0, 0.0, 0.0,
+        *split_float(negative_slope), *run.head(), *strides, *_VECTORS, APPLY.value, GIVEN.value, False, False,
+        weight is not None,
         bias is not None, r_ncs is not None, KERNEL_IDS[activation], *run.tile, num_warps=run.tiling.num_warps)
     return y
 
@@ -110,8 +113,9 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope,
     backward_kernel[run.tiling.grid](
         dy, x, _or(residual, x), torch.stack([mean, rstd]), _or(weight, x), _or(bias, x), x, x, sums, x, x, x, x, x,
         0.0, 0.0, *split_float(negative_slope), run.N * run.S, *run.head(), *run.strides, *_UNUSED, *_UNUSED,
-        PARTIALS.value, GIVEN.value, GIVEN.value, True, weight is not None, bias is not None, residual is not None,
-        False, False, False, False, False, KERNEL_IDS[activation], *run.tile, num_warps=run.tiling.num_warps)
+        *_VECTORS, PARTIALS.value, GIVEN.value, GIVEN.value, True, weight is not None, bias is not None,
+        residual is not None, False, False, False, False, False, KERNEL_IDS[activation], *run.tile,
+        num_warps=run.tiling.num_warps)
     partials = sums[2 * C:].view(2, splits, C)
     return partials[0].sum(0), partials[1].sum(0)  # no atomics: deterministic
 
@@ -129,7 +133,7 @@ def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, 
     backward_kernel[run.tiling.grid](
         dy, x, _or(residual_read, x), torch.stack([mean, rstd]), _or(weight, x), _or(bias, x), x, x,
         torch.stack([sum_dz, sum_dz_xhat]), x, _or(dz, x), dx, x, x, 0.0, 0.0, *split_float(negative_slope), count,
-        *run.head(), *run.strides[:9], *grad_strides, *grad_strides, APPLY.value, GIVEN.value, GIVEN.value, training,
-        weight is not None, bias is not None, residual_read is not None, dz is not None, False, True, False, False,
-        KERNEL_IDS[activation], *run.tile, num_warps=run.tiling.num_warps)
+        *run.head(), *run.strides[:9], *grad_strides, *grad_strides, *_VECTORS, APPLY.value, GIVEN.value, GIVEN.value,
+        training, weight is not None, bias is not None, residual_read is not None, dz is not None, False, True, False,
+        False, KERNEL_IDS[activation], *run.tile, num_warps=run.tiling.num_warps)
     return dx, dz

@@ -54,13 +54,45 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def ncs_strides(shape, stride):
-    """Strides (n, c, s) that address a tensor as (N, C, S), or None if its spatial dims don't collapse."""
-    spatial = [(size, step) for size, step in zip(shape[2:], stride[2:]) if size != 1]
-    for (_, outer_stride), (inner_size, inner_stride) in zip(spatial, spatial[1:]):
+def _collapsed_stride(sizes, strides):
+    """The one stride that steps through dims ``sizes`` (outermost first) in order, or None where no single
+    stride does; dims of size 1 are skipped, and no dims at all step by 1."""
+    dims = [(size, step) for size, step in zip(sizes, strides) if size != 1]
+    for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:]):
         if outer_stride != inner_stride * inner_size:
             return None
-    return stride[0], stride[1], spatial[-1][1] if spatial else 1
+    return dims[-1][1] if dims else 1
+
+
+def ncs_strides(shape, stride):
+    """Strides (n, c, s) that address a tensor as (N, C, S), or None if its spatial dims don't collapse."""
+    spatial = _collapsed_stride(shape[2:], stride[2:])
+    return None if spatial is None else (stride[0], stride[1], spatial)
+
+
+def contiguous_strides(shape) -> tuple[int, ...]:
+    """The strides of a row-major contiguous tensor of ``shape`` (what ``.contiguous()`` gives a copy)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def operand_layout(shape, stride) -> tuple[tuple[int, int, int], bool]:
+    """How the kernels address a tensor of ``shape`` and ``stride`` that a call reads: (its (n, c, s) strides,
+    False), or, where its spatial dims do not collapse to one stride, (the strides of its contiguous copy,
+    True): such a tensor is read from ``.contiguous()``. The one rule for x, the residual and dy alike."""
+    ncs = ncs_strides(shape, stride)
+    if ncs is None:
+        return ncs_strides(shape, contiguous_strides(shape)), True
+    return ncs, False
+
+
+def vector_stride(t) -> int | None:
+    """The element stride of a per-channel tensor ``t`` (C elements, any shape), 0 for None; None where its
+    elements are not equally spaced (then it is read, and written, through a dense copy)."""
+    return 0 if t is None else _collapsed_stride(t.shape, t.stride())
 
 
 def output_layout(shape, stride) -> tuple[tuple[int, ...], bool]:
@@ -71,7 +103,7 @@ def output_layout(shape, stride) -> tuple[tuple[int, ...], bool]:
     and eager outputs have the same strides.
     """
     if ncs_strides(shape, stride) is None:
-        return torch.empty(shape, device="meta").stride(), True
+        return contiguous_strides(shape), True
     # The strides torch.empty_like gives: the input's own when it is dense, else a dense layout in its order.
     return torch.empty_like(torch.empty_strided(shape, stride, device="meta")).stride(), False
 
@@ -179,9 +211,10 @@ def counters(device: torch.device, stream, slots: int) -> torch.Tensor:
     return buffer
 
 
-def dense(t):
-    """``t`` (or None) as a dense tensor: the kernels index per-channel vectors with stride 1."""
-    return None if t is None else t.contiguous()
+def dense_vectors(strides, *vectors):
+    """The per-channel tensors ``vectors``, each whose stride (``vector_stride``) is None as a dense copy (the
+    kernels then address it with stride 1), the others as they are."""
+    return tuple(t.contiguous() if step is None else t for t, step in zip(vectors, strides))
 
 
 def compute_dtype(dtype: torch.dtype):

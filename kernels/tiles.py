@@ -89,13 +89,13 @@ def scalar(hi, lo, like):
 
 
 @triton.jit
-def channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, C, cols, col_mask,
+def channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo, C, cols, col_mask,
                   STATS: tl.constexpr, COMPUTE: tl.constexpr):
     """Per-channel (mean, rstd), read from ``stats_ptr`` (mean, then rstd) or folded from the running
-    statistics (STATS == RUNNING: eval mode)."""
+    statistics (STATS == RUNNING: eval mode; element strides ``rm_s`` and ``rv_s``)."""
     if STATS == RUNNING:
-        mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
-        var = tl.load(running_var_ptr + cols, mask=col_mask, other=1.0).to(COMPUTE)
+        mean = tl.load(running_mean_ptr + cols * rm_s, mask=col_mask, other=0.0).to(COMPUTE)
+        var = tl.load(running_var_ptr + cols * rv_s, mask=col_mask, other=1.0).to(COMPUTE)
         rstd = 1.0 / tl.sqrt(var + scalar(eps_hi, eps_lo, var))
     else:
         mean = tl.load(stats_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
@@ -104,15 +104,16 @@ def channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, eps_hi, eps_lo, 
 
 
 @triton.jit
-def affine(rstd, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+def affine(rstd, weight_ptr, bias_ptr, w_s, b_s, cols, col_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
            COMPUTE: tl.constexpr):
-    """(scale = weight * rstd, bias) of a tile's channels; weight 1 and bias 0 where absent."""
+    """(scale = weight * rstd, bias) of a tile's channels (element strides ``w_s``, ``b_s``); weight 1 and bias 0
+    where absent."""
     scale = rstd
     if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
+        scale = scale * tl.load(weight_ptr + cols * w_s, mask=col_mask, other=0.0).to(COMPUTE)
     bias = tl.zeros_like(rstd)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
+        bias = tl.load(bias_ptr + cols * b_s, mask=col_mask, other=0.0).to(COMPUTE)
     return scale, bias
 
 

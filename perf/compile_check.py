@@ -103,7 +103,7 @@ def _run_plans(shape, dtype, fmt, activation, config, residual, needs_sets):
     r = _tensor(shape, dtype, fmt) if residual else None
     with configs.override(config) if config is not None else contextlib.nullcontext():
         for training in (True, False):
-            plan = ForwardPlan(x, weight, bias, r, running_mean, training, KERNEL_IDS[activation])
+            plan = ForwardPlan(x, weight, bias, r, running_mean, running_var, training, KERNEL_IDS[activation])
             _, workspace = plan(x, weight, bias, r, running_mean, running_var, 0.1, 1e-5, 0.01)
             for needs in needs_sets:
                 if needs[3] and r is None:

@@ -24,15 +24,30 @@ def _composite_only() -> bool:
             or torch.jit.is_tracing())
 
 
-def prepare(input, running_mean, running_var, weight, bias, residual, training, eps, activation):
+def recomputing() -> bool:
+    """Whether this forward runs again inside a backward pass: activation checkpointing
+    (``torch.utils.checkpoint``, reentrant or not) recomputes a checkpointed forward while autograd's engine
+    runs the backward. Such a forward must not update the running statistics a second time
+    (pytorch/pytorch#96136). False under torch.compile, which traces the forward once, and on a PyTorch
+    without the engine's graph-task query."""
+    if torch.compiler.is_compiling() or _current_graph_task_id is None:
+        return False
+    return _current_graph_task_id() != -1
+
+
+_current_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def prepare(input, running_mean, running_var, weight, bias, residual, training, eps, activation, cumulative=False):
     """Check a call's arguments (a clear error, before any state changes) and return its kernel plan, or
-    None where the call runs the PyTorch reference or, inside torch.compile, the custom ops.
+    None where the call runs the PyTorch reference or, inside torch.compile, the custom ops. ``cumulative``:
+    the running averages' factor will be 1 / num_batches_tracked (``momentum=None``).
 
     The hot path is a cached plan: its key is built from the tensors' layouts (which also proves they are
     tensors), and a plan is cached only after the checks passed for what the key holds.
     """
     try:
-        key = plans.key(input, weight, bias, residual, running_mean, running_var, training, activation)
+        key = plans.key(input, weight, bias, residual, running_mean, running_var, training, activation, cumulative)
     except AttributeError:  # an argument that is not a tensor: name it
         check_tensor_types(input, running_mean, running_var, weight, bias, residual)
         raise
@@ -46,19 +61,23 @@ def prepare(input, running_mean, running_var, weight, bias, residual, training, 
     if plan is None:  # the checks depend only on what the key holds, so a cached plan was checked already
         check_activation(activation)
         check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
-        plan = plans.new(key, input, weight, bias, residual, running_mean, training, activation)
+        plan = plans.new(key, input, weight, bias, residual, running_mean, running_var, training, activation,
+                         cumulative)
     return plan
 
 
 def run(plan, input, running_mean, running_var, weight, bias, training, momentum, eps, activation, negative_slope,
         residual):
-    """The op for arguments ``prepare`` checked, on the path it chose."""
+    """The op for arguments ``prepare`` checked, on the path it chose. ``momentum`` is the running averages'
+    factor, or for ``momentum=None`` (``prepare(cumulative=True)``) the num_batches_tracked counter whose
+    reciprocal is the factor: a tensor, read on the device, so that no host sync and no graph break is needed."""
     if plan is not None:
         return BatchNormActFunction.apply(input, weight, bias, residual,
                                           (plan, running_mean, running_var, momentum, eps, negative_slope))
     if torch.compiler.is_compiling() and uses_kernels(input):  # custom ops: no graph break
-        return ops.CompiledBatchNormAct.apply(input, weight, bias, residual, running_mean, running_var,
-                                              bool(training), float(momentum), float(eps), activation,
+        batches, momentum = (momentum, 0.0) if isinstance(momentum, torch.Tensor) else (None, float(momentum))
+        return ops.CompiledBatchNormAct.apply(input, weight, bias, residual, running_mean, running_var, batches,
+                                              bool(training), momentum, float(eps), activation,
                                               float(negative_slope))
     return reference.batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                     activation, negative_slope, residual)
@@ -69,9 +88,13 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
     """``act(F.batch_norm(input, ...) + residual)`` in one fused op (the add only if ``residual`` is given).
 
     Arguments mean what they mean for ``torch.nn.functional.batch_norm``; in training the running
-    statistics are updated in place (unbiased variance, ``momentum`` as the averaging factor).
-    ``activation`` is one of ``tritonbn.ACTIVATIONS``; ``negative_slope`` is leaky_relu's.
+    statistics are updated in place (unbiased variance, ``momentum`` as the averaging factor), except in the
+    forward that activation checkpointing recomputes during backward (see ``recomputing``), which leaves them
+    as the first forward left them. ``activation`` is one of ``tritonbn.ACTIVATIONS``; ``negative_slope`` is
+    leaky_relu's.
     """
+    if training and running_mean is not None and recomputing():
+        running_mean = running_var = None
     plan = prepare(input, running_mean, running_var, weight, bias, residual, training, eps, activation)
     if plan is not None:
         return BatchNormActFunction.apply(input, weight, bias, residual,

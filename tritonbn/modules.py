@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import init
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import prepare, run
+from .functional import prepare, recomputing, run
 from .validation import check_activation
 
 # torch 2.13 added nn.BatchNorm*d(..., *, bias=True); older releases always make a bias when affine.
@@ -54,22 +54,26 @@ class _BatchNormAct(_BatchNorm):
         use_running_stats = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running_stats else None
         running_var = self.running_var if use_running_stats else None
-        plan = prepare(input, running_mean, running_var, self.weight, self.bias, residual, bn_training, self.eps,
-                       self.activation)
-
         counts_batches = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if counts_batches and recomputing():  # activation checkpointing's second forward: no second update
+            running_mean = running_var = None
+            counts_batches = False
+        cumulative = counts_batches and self.momentum is None
+        plan = prepare(input, running_mean, running_var, self.weight, self.bias, residual, bn_training, self.eps,
+                       self.activation, cumulative)
         if counts_batches:
             self.num_batches_tracked.add_(1)
-        average_factor = self._average_factor(counts_batches, batches_before=0)
-        return run(plan, input, running_mean, running_var, self.weight, self.bias, bn_training, average_factor,
-                   self.eps, self.activation, self.negative_slope, residual)
+        return run(plan, input, running_mean, running_var, self.weight, self.bias, bn_training,
+                   self._average_factor(cumulative), self.eps, self.activation, self.negative_slope, residual)
 
-    def _average_factor(self, counts_batches: bool, batches_before: int) -> float:
-        """The running averages' factor: ``momentum``, or with ``momentum=None`` the cumulative average's
-        1 / batches (``num_batches_tracked`` + ``batches_before``), as _BatchNorm computes it."""
-        if self.momentum is not None:
-            return self.momentum
-        return 1.0 / (float(self.num_batches_tracked) + batches_before) if counts_batches else 0.0
+    def _average_factor(self, cumulative: bool):
+        """The running averages' factor: ``momentum``; with ``momentum=None`` (``cumulative``) the
+        num_batches_tracked counter itself, whose reciprocal the op takes on the device (``functional.run``),
+        where _BatchNorm computes 1 / float(num_batches_tracked), a host sync and a graph break; 0.0 where
+        momentum is None and no batch is counted, as _BatchNorm."""
+        if cumulative:
+            return self.num_batches_tracked
+        return 0.0 if self.momentum is None else self.momentum
 
     def extra_repr(self):
         text = f"{super().extra_repr()}, activation={self.activation}"

@@ -27,16 +27,19 @@ def _output_like(input: Tensor, dtype: torch.dtype) -> Tensor:
 
 @torch.library.custom_op("tritonbn::forward", mutates_args=("running_mean", "running_var"))
 def forward(input: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-            running_mean: Tensor | None, running_var: Tensor | None, training: bool, momentum: float, eps: float,
-            activation: str, negative_slope: float) -> tuple[Tensor, Tensor]:
-    """(output, stats): the batch's mean and rstd, [2 * C], for backward (empty in eval)."""
-    plan = plan_for(input, weight, bias, residual, running_mean, running_var, training, activation)
-    output, workspace = plan(input, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope)
+            running_mean: Tensor | None, running_var: Tensor | None, batches: Tensor | None, training: bool,
+            momentum: float, eps: float, activation: str, negative_slope: float) -> tuple[Tensor, Tensor]:
+    """(output, stats): the batch's mean and rstd, [2 * C], for backward (empty in eval). ``batches``: the
+    num_batches_tracked counter whose reciprocal is the running averages' factor (momentum=None), or None."""
+    plan = plan_for(input, weight, bias, residual, running_mean, running_var, training, activation,
+                    batches is not None)
+    output, workspace = plan(input, weight, bias, residual, running_mean, running_var,
+                             momentum if batches is None else batches, eps, negative_slope)
     return output, input.new_empty(0) if workspace is None else workspace[: 2 * input.shape[1]]
 
 
 @forward.register_fake
-def _(input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
+def _(input, weight, bias, residual, running_mean, running_var, batches, training, momentum, eps, activation,
       negative_slope):
     stats = input.new_empty(2 * input.shape[1] if training else 0, dtype=compute_dtype(input))
     return _output_like(input, output_dtype(input, residual)), stats
@@ -83,11 +86,11 @@ class CompiledBatchNormAct(torch.autograd.Function):
     """What ``BatchNormActFunction`` computes, made of a forward and a backward op for torch.compile to trace."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
-                negative_slope):
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, batches, training, momentum, eps,
+                activation, negative_slope):
         forward_op, ctx.backward_op = kernel_ops(input)
-        output, stats = forward_op(input, weight, bias, residual, running_mean, running_var, training, momentum, eps,
-                                   activation, negative_slope)
+        output, stats = forward_op(input, weight, bias, residual, running_mean, running_var, batches, training,
+                                   momentum, eps, activation, negative_slope)
         ctx.save_for_backward(input, stats, weight, bias, residual, running_mean, running_var)
         ctx.options = (training, eps, activation, negative_slope)
         return output
@@ -101,4 +104,4 @@ class CompiledBatchNormAct(torch.autograd.Function):
         grads = ctx.backward_op(grad_output, input, stats, weight, bias, residual, running_mean, running_var,
                                 training, eps, activation, negative_slope, needs)
         grads = [grad if need else None for grad, need in zip(grads, needs)]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)

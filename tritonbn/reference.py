@@ -43,15 +43,22 @@ def compute_dtype(input: torch.Tensor) -> torch.dtype:
 
 
 def update_running_stats(running_mean, running_var, mean, m2, count, momentum):
-    """Move the running statistics towards the batch's (unbiased variance m2 / (count - 1)) by ``momentum``,
-    as PyTorch does; nothing to do without running statistics or for an empty batch."""
+    """Move the running statistics towards the batch's (unbiased variance m2 / (count - 1)) with PyTorch's own
+    formula, factor * batch + (1 - factor) * running: exact at factor 1 (``momentum=1`` and momentum=None's first
+    batch), and an inf running value stays inf below it, as PyTorch's do (``lerp`` would give NaN). ``momentum``
+    is the factor, or a num_batches_tracked counter (a tensor) whose reciprocal is (``momentum=None``), read on
+    the device: no host sync, no graph break under torch.compile. Nothing to do without running statistics or
+    for an empty batch."""
     # A trace cannot branch on its traced count (and its example batch is not empty).
     if running_mean is None or (not torch.jit.is_tracing() and count == 0):
         return
-    # Through ``.data``, as PyTorch's kernels write them: in place without bumping the version counter, so an
-    # nn.BatchNorm sharing these buffers, which saved them for its backward, can still run that backward.
-    running_mean.data.lerp_(mean.detach().to(running_mean.dtype), float(momentum))
-    running_var.data.lerp_((m2.detach() / (count - 1)).to(running_var.dtype), float(momentum))
+    dtype = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
+    factor = 1.0 / momentum.to(dtype) if isinstance(momentum, torch.Tensor) else float(momentum)
+    keep = 1.0 - factor
+    for running, batch in ((running_mean, mean), (running_var, m2 / (count - 1))):
+        # Through ``.data``, as PyTorch's kernels write them: in place without bumping the version counter, so an
+        # nn.BatchNorm sharing these buffers, which saved them for its backward, can still run that backward.
+        running.data.copy_(factor * batch.detach().to(dtype) + keep * running.data.to(dtype))
 
 
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

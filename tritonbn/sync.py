@@ -14,6 +14,7 @@ from torch import nn
 
 from . import reference
 from .backend import uses_kernels
+from .functional import recomputing
 from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormAct, batch_norm_like
 from .reference import compute_dtype, count_per_channel, update_running_stats
 from .validation import check_batch_norm_args, check_eps
@@ -145,7 +146,12 @@ class SyncBatchNormAct(_BatchNormAct):
         check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, residual, training=True,
                               check_batch_size=False)
         counts_batches = self.track_running_stats and self.num_batches_tracked is not None
-        average_factor = self._average_factor(counts_batches, batches_before=1)  # counted only after the checks
+        if counts_batches and recomputing():  # activation checkpointing's second forward: no second update
+            running_mean = running_var = None
+            counts_batches = False
+        cumulative = counts_batches and self.momentum is None
+        # The batch is counted only after the checks: momentum=None's factor is 1 / (the count with this batch).
+        average_factor = self.num_batches_tracked + 1 if cumulative else self._average_factor(False)
         out = _SyncBatchNormActFunction.apply(
             input, self.weight, self.bias, residual, running_mean, running_var, self.eps, average_factor,
             self.activation, self.negative_slope, self.process_group or dist.group.WORLD,

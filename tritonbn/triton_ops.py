@@ -25,12 +25,14 @@ def _launch(launcher, args):
 
 @triton_op("tritonbn::forward_kernels", mutates_args=("running_mean", "running_var"))
 def forward_kernels(input: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-                    running_mean: Tensor | None, running_var: Tensor | None, training: bool, momentum: float,
-                    eps: float, activation: str, negative_slope: float) -> tuple[Tensor, Tensor]:
-    """(output, stats): the batch's mean and rstd, [2 * C], for backward (empty in eval)."""
-    plan = plans.traced_plan(input, weight, bias, residual, running_mean, running_var, training, activation)
-    output, workspace = plan(input, weight, bias, residual, running_mean, running_var, momentum, eps, negative_slope,
-                             launch=_launch)
+                    running_mean: Tensor | None, running_var: Tensor | None, batches: Tensor | None, training: bool,
+                    momentum: float, eps: float, activation: str, negative_slope: float) -> tuple[Tensor, Tensor]:
+    """(output, stats): the batch's mean and rstd, [2 * C], for backward (empty in eval); ``batches`` as for
+    ``tritonbn::forward``."""
+    plan = plans.traced_plan(input, weight, bias, residual, running_mean, running_var, training, activation,
+                             batches is not None)
+    output, workspace = plan(input, weight, bias, residual, running_mean, running_var,
+                             momentum if batches is None else batches, eps, negative_slope, launch=_launch)
     return output, input.new_empty(0) if workspace is None else workspace[: 2 * input.shape[1]]
 
 

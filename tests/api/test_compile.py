@@ -221,3 +221,27 @@ def test_clear_forgets_the_plans_compile_traced_too():
     assert plans.traced_plan(x, None, None, None, None, None, True, "relu") is first
     plans.clear()
     assert plans.traced_plan(x, None, None, None, None, None, True, "relu") is not first
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_momentum_none_compiles_in_one_graph(device, backend):
+    """momentum=None (a cumulative average): the factor 1 / num_batches_tracked is taken on the device, so the
+    layer traces with zero graph breaks (nn.BatchNorm2d's float(num_batches_tracked) cannot) and every step's
+    output, gradients and running statistics equal eager's."""
+    torch._dynamo.reset()
+    layer = tritonbn.BatchNormAct2d(3, momentum=None, dtype=torch.float64, device=device)
+    explanation = torch._dynamo.explain(copy.deepcopy(layer))(torch.randn(4, 3, 5, 5, dtype=torch.float64,
+                                                                             device=device))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    eager = copy.deepcopy(layer)
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device) * 2 + 1
+        dy = torch.randn_like(x)
+        got = [compiled(x.requires_grad_()), None]
+        (got[1],) = torch.autograd.grad(got[0], x, dy)
+        expected = [eager(x), None]
+        (expected[1],) = torch.autograd.grad(expected[0], x, dy)
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(layer.state_dict(), eager.state_dict())
+    assert int(layer.num_batches_tracked) == 3

@@ -173,8 +173,10 @@ def test_opcheck_of_the_custom_ops(device, training):
         residual = torch.randn_like(layout)
         running = (torch.randn(4, device=device, dtype=torch.float64),
                    torch.rand(4, device=device, dtype=torch.float64) + 0.5)
-        args = (layout, weight, bias, residual, *running, training, 0.1, 1e-5, "silu", 0.01)
+        args = (layout, weight, bias, residual, *running, None, training, 0.1, 1e-5, "silu", 0.01)
         torch.library.opcheck(ops.forward, args, test_utils=checks)
+        batches = torch.tensor(3, device=device)  # momentum=None: the factor 1 / num_batches_tracked
+        torch.library.opcheck(ops.forward, (*args[:6], batches, *args[7:]), test_utils=checks)
         _, stats = ops.forward(*args)
         grad = torch.randn_like(layout).transpose(0, 1).contiguous().transpose(0, 1)  # another layout than y's
         torch.library.opcheck(ops.backward, (grad, layout, stats, weight, bias, residual, *running, training, 1e-5,

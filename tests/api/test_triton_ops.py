@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
 
     residual_on, dynamic, training = (arg == "1" for arg in sys.argv[1:4])
     def step(x, w, b, rm, rv, r):
-        return ops.CompiledBatchNormAct.apply(x, w, b, r, rm, rv, training, 0.1, 1e-5, "relu", 0.01)
+        return ops.CompiledBatchNormAct.apply(x, w, b, r, rm, rv, None, training, 0.1, 1e-5, "relu", 0.01)
 
     def inputs(n):
         x = torch.randn(n, 6, 5, 7, device="meta").to(memory_format=torch.channels_last).requires_grad_()

@@ -98,7 +98,7 @@ def test_the_kernels_of_this_machine_launch(device):
     from tritonbn.kernels import ForwardPlan
 
     x = torch.randn(6, 3, 4, device=device)
-    plan = ForwardPlan(x, None, None, None, None, True, KERNEL_IDS["identity"])
+    plan = ForwardPlan(x, None, None, None, None, None, True, KERNEL_IDS["identity"])
     for _ in range(2):
         y, workspace = plan(x, None, None, None, None, None, 0.1, 1e-5, 0.01)
         torch.testing.assert_close(workspace[:3], x.mean((0, 2)))
@@ -112,7 +112,7 @@ def test_a_plan_passes_addresses_once_every_launcher_is_compiled(monkeypatch):
     from tritonbn.kernels import ForwardPlan, forward
 
     x = torch.randn(6, 3, 4)
-    plan = ForwardPlan(x, None, None, None, None, True, KERNEL_IDS["identity"])
+    plan = ForwardPlan(x, None, None, None, None, None, True, KERNEL_IDS["identity"])
     fakes = []
     for launcher, _ in plan.launches:
         compiled = FakeCompiled()
@@ -123,7 +123,7 @@ def test_a_plan_passes_addresses_once_every_launcher_is_compiled(monkeypatch):
     monkeypatch.setattr(launch, "_launch_hooks_set", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # the counters ask
     outputs = [plan(x, None, None, None, None, None, 0.1, 1e-5, 0.01)[0] for _ in range(3)]
-    pointers = 9  # x, y, residual, workspace, counters, weight, bias, running mean and variance
+    pointers = 10  # x, y, residual, workspace, counters, weight, bias, running mean and variance, batches
     for kernel, compiled in fakes:
         (ordinary,) = kernel.ordinary
         assert all(isinstance(t, torch.Tensor) for t in ordinary[1][:pointers])
