@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .constants import BACKENDS, DTYPES, LAYOUTS, MODES, activations
+from .constants import BACKENDS, DTYPES, LAYOUTS, MODES, OPTIONAL_BACKENDS, activations
 
 
 class UsageError(Exception):
@@ -138,10 +138,13 @@ def _add_step(sub):
 
 
 def _add_readme(sub):
-    p = sub.add_parser("readme", help="rewrite README.md's results block from the GPU results in perf/results")
+    p = sub.add_parser("readme", help="rewrite the results blocks of README.md (each device's latest run) and "
+                                      "docs/results.md (every run) from the GPU results in perf/results")
     p.add_argument("--results", default="perf/results", help="folder of per-device result folders")
-    p.add_argument("--readme", default="README.md", help="the file holding the block")
-    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when the block is out of date")
+    p.add_argument("--readme", default="README.md", help="the file holding the headline block")
+    p.add_argument("--history", default=None, help="the file holding every run (default: docs/results.md beside "
+                                                   "the README)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a block is out of date")
 
 
 def _add_tune(sub):
@@ -255,18 +258,32 @@ def _sweep(args):
     _writable_file(args.out)
     if os.path.isfile(args.out) and os.path.getsize(args.out):
         _sweep_rows(args.out)  # rows are merged into it at the end: it must be a sweep CSV
-    presets = _flatten(args.preset) or ([] if args.shape else ["resnet50" if device.type == "cuda" else "tiny"])
+    presets = _flatten(args.preset) or ([] if args.shape else [_default_preset(device)])
     cases = [(name, case) for name in presets for case in preset_shapes(name, args.batch)]
     cases += [("custom", ShapeCase(shape)) for shape in args.shape]
     residuals = {"off": [False], "on": [True], "both": [False, True]}[args.residual]
     cfgs = sweep.configs(cases, args.dtype, args.layout, args.activation, residuals, args.mode)
     backends, skipped = resolve(args.backend)
     for name, reason in skipped.items():
-        print(f"skipping backend {name}: {reason}", file=sys.stderr)
+        optional = ", an optional comparison with another library, run only where it is installed" \
+            if name in OPTIONAL_BACKENDS else ""
+        print(f"skipping backend {name}{optional}: {reason}", file=sys.stderr)
     rows = sweep.run(cfgs, backends, skipped, device, args.out, progress=not args.no_progress, seed=args.seed,
                      budget_s=args.budget_s)
     print(f"wrote {args.out} ({len(rows)} rows)")
     return 0
+
+
+def _default_preset(device) -> str:
+    """resnet50 on a GPU; on a CPU tiny, said so, with why."""
+    import torch
+
+    if device.type == "cuda":
+        return "resnet50"
+    where = "a CPU" if torch.cuda.is_available() else "a CPU (no GPU here)"
+    print(f"sweep: preset tiny, the default on {where}: its shapes take seconds there, ResNet-50's would take "
+          "hours; --preset chooses others", file=sys.stderr)
+    return "tiny"
 
 
 def _report(args):
@@ -342,21 +359,29 @@ def _readme(args):
     from . import readme
 
     path = Path(args.readme)
-    if not path.is_file():
-        raise UsageError(f"no such file: {path}")
-    if not args.check:
-        _writable_file(path, "--readme")
-    try:
-        before, current, after = readme.split(path.read_text())
-    except ValueError as exc:
-        raise UsageError(f"{path}: {exc}") from None
-    block = readme.results_block(Path(args.results), path.parent)
+    history = Path(args.history) if args.history else path.parent / readme.HISTORY
+    blocks = {path: readme.results_block(Path(args.results), path.parent, history_page=history),
+              history: readme.results_block(Path(args.results), history.parent)}
+    texts = {}
+    for file in blocks:
+        if not file.is_file():
+            raise UsageError(f"no such file: {file}")
+        if not args.check:
+            _writable_file(file, "--readme" if file == path else "--history")
+        try:
+            texts[file] = readme.split(file.read_text())
+        except ValueError as exc:
+            raise UsageError(f"{file}: {exc}") from None
+    stale = [file for file, block in blocks.items() if texts[file][1] != block]
     if args.check:
-        fresh = block == current
-        print(f"{path}: results block " + ("up to date" if fresh else "out of date: run tritonbn-perf readme"))
-        return 0 if fresh else 1
-    path.write_text(before + block + after)
-    print(f"rewrote the results block of {path}")
+        for file in blocks:
+            print(f"{file}: results block " + ("out of date: run tritonbn-perf readme" if file in stale
+                                                else "up to date"))
+        return 1 if stale else 0
+    for file, block in blocks.items():
+        before, _, after = texts[file]
+        file.write_text(before + block + after)
+        print(f"rewrote the results block of {file}")
     return 0
 
 

@@ -9,8 +9,10 @@ MODES = ("fwd", "bwd", "fwd_bwd", "eval")  # training forward, backward, both in
 # Short name -> torch attribute: names rather than torch dtypes keep this module free of torch.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
 LAYOUTS = ("nchw", "nhwc")  # nhwc = channels_last (channels_last_3d for 5-D shapes)
-# Every backend a sweep can compare, in the order reports list them; the last two run only where importable.
+# Every backend a sweep can compare, in the order reports list them; the optional ones, other libraries, run
+# only where they are installed.
 BACKENDS = ("tritonbn", "eager", "compile", "flag_gems", "apex")
+OPTIONAL_BACKENDS = ("flag_gems", "apex")
 BASELINES = ("eager", "compile")  # the backends speedups are taken over
 TIME_KINDS = ("e2e", "device")  # end to end (host stalls included) and device only
 

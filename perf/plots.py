@@ -1,6 +1,8 @@
 """The figures of the sweep and of the training step. Each names its device, timing method and what its bars
-or points mean, so it reads without the text; CPU timings (interpreter or reference) get a red watermark:
-they are not performance."""
+or points mean, so it reads without the text: axes say what they measure and in which unit, shapes are
+named (N x C x H x W, and which dims a label's numbers are), legends sit above the panels where they cover
+no data, and a zero bar is written as such. CPU timings (interpreter or PyTorch's CPU code) are
+watermarked in every panel and in the footer: they are not performance."""
 
 import math
 from collections import defaultdict
@@ -12,9 +14,11 @@ from .summary import backends, config_label, geomean, is_performance, measured, 
 MODE_TITLES = {"fwd": "forward (training)", "bwd": "backward", "fwd_bwd": "forward + backward",
                "eval": "forward (eval)"}
 KIND_TITLES = {"e2e": "end to end (host stalls included)", "device": "device only (no host time)"}
-NOT_PERFORMANCE = "CPU / interpreter timings: NOT performance"
+NOT_PERFORMANCE = "CPU timings: NOT performance"
 COLORS = {"tritonbn": "tab:orange", "eager": "tab:blue", "compile": "tab:green", "flag_gems": "tab:purple",
           "apex": "tab:brown"}
+DIMS = {2: "N x C", 3: "N x C x L", 4: "N x C x H x W", 5: "N x C x D x H x W"}
+MARKERS = "osD^v<>"  # one per dtype x layout where a plot holds several
 
 
 def pyplot():
@@ -37,33 +41,95 @@ def save(fig, path: Path, rect=(0, 0, 1, 1), rows=None) -> bool:
 
 
 def figure_note(fig, rows, timing: str | None = None) -> None:
-    """Device and timing method at the foot of a figure; a red warning when the timings are not GPU ones."""
+    """Device and timing method at the foot of a figure; where the timings are not GPU ones, in red, and a
+    watermark in every panel."""
     devices = ", ".join(sorted({r["device"] for r in rows}))
     timing = timing or ", ".join(sorted(timings(rows)))
-    fig.text(0.01, 0.005, f"device: {devices}   timing: {timing}", fontsize=8, color="0.3", ha="left",
-             va="bottom")
-    if not is_performance(rows):
-        size = min(22.0, 2.0 * fig.get_figwidth())  # the watermark must fit the figure's width
-        fig.text(0.5, 0.5, NOT_PERFORMANCE, fontsize=size, color="red", alpha=0.3, ha="center", va="center",
-                 rotation=15, weight="bold")
+    performance = is_performance(rows)
+    note = f"device: {devices}   timing: {timing}" + ("" if performance else f"   ({NOT_PERFORMANCE})")
+    fig.text(0.01, 0.005, note, fontsize=8, color="0.3" if performance else "red", ha="left", va="bottom")
+    if not performance:
+        for ax in fig.axes:
+            _watermark(ax)
+
+
+def _watermark(ax) -> None:
+    """NOT_PERFORMANCE across the middle of a panel, faint enough to read the data through, and inside the
+    panel, clear of titles and labels."""
+    width_pt = ax.get_position().width * ax.figure.get_figwidth() * 72
+    size = min(20.0, 0.8 * width_pt / (0.62 * len(NOT_PERFORMANCE)))  # a bold character is about 0.62 em wide
+    ax.text(0.5, 0.5, NOT_PERFORMANCE, transform=ax.transAxes, ha="center", va="center", fontsize=size,
+            color="red", alpha=0.25, weight="bold", zorder=5)
+
+
+def header(fig, title: str, handles, labels, **legend) -> float:
+    """The title, then the legend in rows below it, above the panels, where it covers no data; returns the top
+    of the panels' area as a fraction of the figure (for save's ``rect``)."""
+    height = fig.get_figheight()
+    title_in = 0.15 + 0.22 * (title.count("\n") + 1)
+    # Out of tight_layout's reckoning, which would add the title's height to the room the rect leaves it.
+    fig.suptitle(title, y=1 - 0.05 / height, va="top", fontsize=11).set_in_layout(False)
+    entry_in = 0.6 + 0.06 * max(len(label) for label in labels)  # a handle and 8-point text, in inches
+    columns = max(1, min(len(labels), int(0.95 * fig.get_figwidth() / entry_in)))
+    rows = math.ceil(len(labels) / columns)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1 - title_in / height), ncols=columns,
+               fontsize=8, frameon=False, **legend)
+    return 1 - (title_in + 0.25 * rows + 0.1) / height
+
+
+def shape_axis_label(rows, vary_activation=False, vary_residual=False) -> str:
+    """What the numbers of a shape label are (N x C x H x W, ...), for the ranks the rows hold."""
+    ranks = sorted({len(r["shape"].split("x")) for r in rows})
+    label = "shape, " + "; ".join(DIMS.get(rank, f"{rank} dims") for rank in ranks)
+    if vary_activation:
+        label += "; then the activation"
+    return label + ("; +res: with a residual add" if vary_residual else "")
 
 
 def speedup_axis(ax) -> None:
-    """Log scale with ticks at powers of two, written as 0.5x, 1x, 2x."""
+    """Log scale around 1x, with ticks a reader can name: 0.8x, 1.25x, 1.5x ... over a narrow range, 0.5x,
+    0.67x, 1x, 1.5x, 2x ... over a wider one, 0.1x, 0.2x, 0.5x, 1x ... within three decades, powers of ten
+    beyond."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    low, high = min(low, 0.8), max(high, 1.25)
+    ax.set_ylim(low, high)
+    if high / low <= 4:
+        steps = (0.25, 0.33, 0.4, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 2.5, 3, 4)
+    elif high / low <= 30:
+        steps = (0.2, 0.25, 0.33, 0.5, 0.67, 1, 1.5, 2, 3, 4, 5)
+    elif high / low <= 1000:
+        steps = tuple(m * 10.0**k for k in range(-3, 2) for m in (1, 2, 5))
+    else:
+        steps = tuple(10.0**k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1))
+    ax.yaxis.set_major_locator(FixedLocator([t for t in steps if low <= t <= high]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def log_axis(axis) -> None:
+    """Log ticks written plainly (500, 1000, 2000; 0.01): at 1, 2 and 5 times powers of ten where the range
+    spans under three decades, else at powers of ten."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    ax.set_yscale("log", base=2)
-    ax.yaxis.set_major_locator(LogLocator(base=2))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}x"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    low, high = ax.get_ylim()
-    ax.set_ylim(min(low, 0.5), max(high, 2.0))
+    low, high = axis.get_view_interval()
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if high / low < 1000 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _offsets(count: int, width: float = 0.8) -> tuple[list[float], float]:
     """x offsets of `count` bars side by side within one group, and the bar width."""
     bar = width / count
     return [(i - (count - 1) / 2) * bar for i in range(count)], bar
+
+
+def _color_handles(names):
+    from matplotlib.patches import Patch
+
+    return [Patch(color=COLORS.get(name), label=name) for name in names]
 
 
 def plot_speedup(rows, mode: str, path: Path, kind: str = "e2e") -> bool:
@@ -78,8 +144,8 @@ def plot_speedup(rows, mode: str, path: Path, kind: str = "e2e") -> bool:
     names = backends(rows)
     vary_act, vary_res = varies(rows)
     labels_all = {config_label(r, vary_act, vary_res) for r in rows}
-    width = max(8.0, 0.45 * len(labels_all) * max(1, len(names)) + 2)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.6 * len(panels) + 0.8), squeeze=False)
+    width = min(16.0, max(8.0, 0.45 * len(labels_all) * max(1, len(names)) + 2))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 4.0 * len(panels) + 1.2), squeeze=False)
     offsets, bar_width = _offsets(len(names))
     for ax, (dtype, layout) in zip(axes[:, 0], panels):
         panel = [r for r in rows if (r["dtype"], r["layout"]) == (dtype, layout)]
@@ -89,19 +155,22 @@ def plot_speedup(rows, mode: str, path: Path, kind: str = "e2e") -> bool:
             xs = [j + offset for j, lab in enumerate(labels) if lab in by_label]
             ys = [by_label[lab] for lab in labels if lab in by_label]
             # Bars grow from 1 (eager) up or down, so a slowdown reads as a bar below the line.
-            ax.bar(xs, [y - 1 for y in ys], bar_width, bottom=1, label=backend, color=COLORS.get(backend))
-        ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="eager (= 1)")
+            ax.bar(xs, [y - 1 for y in ys], bar_width, bottom=1, color=COLORS.get(backend))
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
         speedup_axis(ax)
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
-        ax.set_ylabel("speedup over eager\n(higher is better)")
+        ax.set_xlabel(shape_axis_label(panel, vary_act, vary_res))
+        ax.set_ylabel("speedup over eager (log)\nhigher is better")
         ax.set_title(f"{dtype}, {layout}", fontsize=10)
-        ax.legend(fontsize=8, loc="best")
-        ax.grid(axis="y", alpha=0.3, which="both")
+        ax.grid(axis="y", alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    handles = _color_handles(names) + [Line2D([], [], color="black", linestyle="--", linewidth=1)]
+    top = header(fig, f"Speedup over eager PyTorch (F.batch_norm + activation): {MODE_TITLES[mode]}\n"
+                      f"{KIND_TITLES[kind]}", handles, [*names, "eager (= 1x)"])
     methods = ", ".join(sorted({r["device_method"] for r in rows})) if kind == "device" else None
-    fig.suptitle(f"Speedup over eager PyTorch (F.batch_norm + activation): {MODE_TITLES[mode]}\n"
-                 f"{KIND_TITLES[kind]}", fontsize=11)
     figure_note(fig, rows, f"{', '.join(sorted(timings(rows)))}; device time: {methods}" if methods else None)
-    return save(fig, path, rect=(0, 0.03, 1, 1))
+    return save(fig, path, rect=(0, 0.03, 1, top))
 
 
 def plot_overhead(rows, dtype: str, layout: str, path: Path) -> bool:
@@ -116,8 +185,8 @@ def plot_overhead(rows, dtype: str, layout: str, path: Path) -> bool:
     names = backends(rows)
     vary_act, vary_res = varies(rows)
     labels = list(dict.fromkeys(config_label(r, vary_act, vary_res) for r in rows))
-    width = max(8.0, 0.3 * len(labels) * len(names) + 2.5)
-    fig, axes = plt.subplots(len(modes), 1, figsize=(width, 3.4 * len(modes) + 1.0), squeeze=False)
+    width = min(16.0, max(8.0, 0.3 * len(labels) * len(names) + 2.5))
+    fig, axes = plt.subplots(len(modes), 1, figsize=(width, 3.6 * len(modes) + 1.3), squeeze=False)
     offsets, bar_width = _offsets(len(names))
     # Bars on a log axis start at its lower edge: put it well below the smallest time, so that none vanishes.
     floor = min(min(r["device_ms"], r["host_us"] / 1e3) for r in rows) / 3
@@ -130,27 +199,27 @@ def plot_overhead(rows, dtype: str, layout: str, path: Path) -> bool:
             device = [r["device_ms"] for r in chosen]
             rest = [max(r["e2e_ms"] - r["device_ms"], 0.0) for r in chosen]
             color = COLORS.get(backend)
-            ax.bar(xs, device, bar_width, color=color, label=backend)
+            ax.bar(xs, device, bar_width, color=color)
             ax.bar(xs, rest, bar_width, bottom=device, color=color, alpha=0.35, hatch="//", edgecolor=color)
             ax.scatter(xs, [r["host_us"] / 1e3 for r in chosen], marker="_", s=160, color="black", zorder=3)
         ax.set_yscale("log")
         ax.set_ylim(bottom=floor)
+        log_axis(ax.yaxis)
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("ms per call (log)")
         ax.set_title(MODE_TITLES[mode], fontsize=10)
-        ax.grid(axis="y", alpha=0.3, which="both")
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1][0].set_xlabel(shape_axis_label(rows, vary_act, vary_res))
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=COLORS.get(b), label=b) for b in names] + [
-        Patch(facecolor="white", edgecolor="0.3", label="device time (solid)"),
-        Patch(facecolor="0.85", edgecolor="0.3", hatch="//", label="rest of e2e: host stalls"),
-        Line2D([], [], color="black", marker="_", linestyle="", markersize=12, label="host issue time per call")]
-    top = 1 - 0.75 / fig.get_figheight()  # the title and the legend's row take the top 0.75 inch
-    fig.suptitle(f"Where the time goes, {dtype} {layout}: bar height = e2e time per call (lower is better)",
-                 y=0.998, fontsize=11)
-    fig.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, top + 0.4 / fig.get_figheight()),
-               ncols=len(handles), frameon=False)
+    handles = _color_handles(names) + [
+        Patch(facecolor="0.4", edgecolor="0.4"),
+        Patch(facecolor=(0.4, 0.4, 0.4, 0.35), edgecolor="0.4", hatch="//"),
+        Line2D([], [], color="black", marker="_", linestyle="", markersize=14, markeredgewidth=2)]
+    labels_ = [*names, "device time (solid part)", "rest of e2e: host stalls (hatched)", "host issue time per call"]
+    top = header(fig, f"Where the time goes, {dtype} {layout}: bar height = e2e time per call (lower is better)",
+                 handles, labels_, handlelength=2.6, handleheight=1.3)
     methods = ", ".join(sorted({r["device_method"] for r in rows}))
     figure_note(fig, rows, f"{', '.join(sorted(timings(rows)))}; device time: {methods}")
     return save(fig, path, rect=(0, 0.03, 1, top))
@@ -162,41 +231,63 @@ def bandwidth_kind(rows) -> str:
     return "device" if any(math.isfinite(r["device_gbps"]) for r in measured(rows, "device")) else "e2e"
 
 
+def _numel(row) -> int:
+    return math.prod(int(n) for n in row["shape"].split("x"))
+
+
 def plot_bandwidth(rows, path: Path) -> bool:
-    """Effective GB/s (minimum-bytes model) against the tensor size, under the copy-bandwidth roofline,
-    from the time `bandwidth_kind` picks."""
+    """Effective GB/s (minimum-bytes model) per shape, smallest tensor to largest, under the copy-bandwidth
+    roofline, from the time `bandwidth_kind` picks; one panel per mode."""
     kind = bandwidth_kind(rows)
     column = "device_gbps" if kind == "device" else "gbps"
     rows = [r for r in measured(rows, kind) if math.isfinite(r[column])]
     if not rows:
         return False
     plt = pyplot()
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.lines import Line2D
 
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes), 4.8), squeeze=False, sharey=True)
+    names = backends(rows)
+    combos = sorted({(r["dtype"], r["layout"]) for r in rows})
+    marker = {combo: MARKERS[i % len(MARKERS)] if len(combos) > 1 else "o" for i, combo in enumerate(combos)}
+    vary_act, vary_res = varies(rows)
+    by_size = sorted({(_numel(r), config_label(r, vary_act, vary_res)) for r in rows})
+    position = {label: x for x, (_, label) in enumerate(dict.fromkeys(by_size))}
+    columns = min(2, len(modes))
+    lines = math.ceil(len(modes) / columns)
+    fig, axes = plt.subplots(lines, columns, squeeze=False, sharey=True,
+                             figsize=(columns * max(5.0, 0.42 * len(position) + 1.8), 4.0 * lines + 1.3))
     copy = geomean(r["copy_gbps"] for r in rows)
-    for ax, mode in zip(axes[0], modes):
-        for backend in backends(rows):
-            pts = [r for r in rows if r["mode"] == mode and r["backend"] == backend]
-            ax.scatter([r["min_bytes"] / 2**20 for r in pts], [r[column] for r in pts], s=14, alpha=0.75,
-                       label=backend, color=COLORS.get(backend))
-        ax.axhline(copy, color="red", linestyle="--", linewidth=1.2, label=f"device copy: {copy:.3g} GB/s")
-        ax.set_xscale("log")
+    offsets, _ = _offsets(len(names), width=0.5)
+    for ax, mode in zip(axes.flat, modes):
+        for offset, backend in zip(offsets, names):
+            for combo in combos:
+                pts = [r for r in rows if r["mode"] == mode and r["backend"] == backend
+                       and (r["dtype"], r["layout"]) == combo]
+                ax.scatter([position[config_label(r, vary_act, vary_res)] + offset for r in pts],
+                           [r[column] for r in pts], s=22, alpha=0.85, marker=marker[combo],
+                           color=COLORS.get(backend), zorder=3)
+        ax.axhline(copy, color="red", linestyle="--", linewidth=1.2)
         ax.set_yscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # within a decade they would print over each other
-        ax.set_xlabel("minimum bytes moved (MiB)")
+        ax.set_xticks(range(len(position)), list(position), rotation=35, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(position) - 0.4)
         ax.set_title(MODE_TITLES[mode], fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"effective bandwidth (GB/s)\nminimum bytes / {kind} time")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    height = fig.get_figheight()
-    fig.suptitle("Achieved bandwidth against the copy-bandwidth roofline (higher is better)\n"
-                 f"from {KIND_TITLES[kind]}", y=0.998, fontsize=11)
-    # The legend's row below the title's two lines (0.6 inch); tight_layout leaves room for the title only.
-    fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.6 / height),
-               ncols=len(labels), frameon=False)
-    return save(fig, path, rect=(0, 0.04, 1, 1 - 0.3 / height), rows=rows)
+    for ax in axes.flat[len(modes):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"effective bandwidth (GB/s, log)\nminimum bytes / {kind} time")
+        log_axis(ax.yaxis)
+    for ax in axes.flat[max(0, len(modes) - columns):len(modes)]:  # the lowest panel of each column
+        ax.set_xlabel(shape_axis_label(rows, vary_act, vary_res) + "\nsmallest tensor to largest")
+    handles = _color_handles(names) + [Line2D([], [], color="red", linestyle="--", linewidth=1.2)]
+    labels = [*names, f"device copy: {copy:.0f} GB/s" if copy >= 100 else f"device copy: {copy:.3g} GB/s"]
+    if len(combos) > 1:
+        handles += [Line2D([], [], color="0.3", marker=marker[c], linestyle="") for c in combos]
+        labels += [f"{dtype} {layout}" for dtype, layout in combos]
+    top = header(fig, "Achieved bandwidth against the copy-bandwidth roofline (higher is better)\n"
+                      f"from {KIND_TITLES[kind]}", handles, labels)
+    return save(fig, path, rect=(0, 0.03, 1, top), rows=rows)
 
 
 def plot_scaling(rows, path: Path) -> bool:
@@ -206,7 +297,8 @@ def plot_scaling(rows, path: Path) -> bool:
         return False
     plt = pyplot()
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes), 4.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes), 5.2), squeeze=False, sharey=True)
+    handles = {}
     for ax, mode in zip(axes[0], modes):
         lines = defaultdict(list)
         for r in rows:
@@ -215,18 +307,17 @@ def plot_scaling(rows, path: Path) -> bool:
         for (backend, dtype, layout), pts in sorted(lines.items()):
             pts.sort()
             style = "-" if dtype == "fp32" else "--"
-            ax.plot(*zip(*pts), style, marker="o", markersize=3, color=COLORS.get(backend),
-                    label=f"{backend} {dtype} {layout}")
+            (line,) = ax.plot(*zip(*pts), style, marker="o", markersize=3, color=COLORS.get(backend))
+            handles[f"{backend} {dtype} {layout}"] = line
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("N*H*W (values per channel)")
+        ax.set_xlabel("N*H*W (values per channel, log)")
         ax.set_title(MODE_TITLES[mode], fontsize=10)
         ax.grid(alpha=0.3, which="both")
     channels = ", ".join(sorted({str(int(r["channels"])) for r in rows}))
-    axes[0][0].set_ylabel("e2e time (ms)")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Time against size, C = {channels} (lower is better)")
-    return save(fig, path, rect=(0, 0.04, 1, 1), rows=rows)
+    axes[0][0].set_ylabel("e2e time (ms, log)")
+    top = header(fig, f"Time against size, C = {channels} (lower is better)", list(handles.values()), list(handles))
+    return save(fig, path, rect=(0, 0.03, 1, top), rows=rows)
 
 
 def _byte_unit(values) -> tuple[float, str]:
@@ -235,6 +326,11 @@ def _byte_unit(values) -> tuple[float, str]:
         if largest >= scale:
             return scale, unit
     return 1.0, "bytes"
+
+
+def _bytes_text(value: float) -> str:
+    scale, unit = _byte_unit([value])
+    return "0" if value == 0 else f"{value / scale:.3g} {'B' if unit == 'bytes' else unit}"
 
 
 def plot_memory(rows, path: Path) -> bool:
@@ -252,7 +348,8 @@ def plot_memory(rows, path: Path) -> bool:
         metrics.append(("peak_mem_bytes", peak_mode, f"peak extra allocation during {peak_mode}"))
     labels = list(dict.fromkeys(r["shape"] for r in rows if r["mode"] == "fwd"))
     fig, axes = plt.subplots(len(metrics), 1, squeeze=False,
-                             figsize=(max(8.0, 0.5 * len(labels) * len(names) + 2), 3.8 * len(metrics) + 0.8))
+                             figsize=(min(16.0, max(8.0, 0.45 * len(labels) * len(names) + 2)),
+                                      4.0 * len(metrics) + 1.2))
     offsets, bar_width = _offsets(len(names))
     for ax, (column, mode, title) in zip(axes[:, 0], metrics):
         # Over activations and residual settings, the largest value: memory plans for the worst case.
@@ -261,18 +358,25 @@ def plot_memory(rows, path: Path) -> bool:
             if r["mode"] == mode and math.isfinite(r[column]):
                 worst[r["backend"], r["shape"]] = max(worst[r["backend"], r["shape"]], r[column])
         scale, unit = _byte_unit(worst.values())
+        largest = max(worst.values(), default=0.0)
         for offset, backend in zip(offsets, names):
-            picked = [(j, worst[backend, s]) for j, s in enumerate(labels) if (backend, s) in worst]
-            ax.bar([j + offset for j, _ in picked], [v / scale for _, v in picked], bar_width, label=backend,
-                   color=COLORS.get(backend))
+            picked = [(j + offset, worst[backend, s]) for j, s in enumerate(labels) if (backend, s) in worst]
+            ax.bar([x for x, _ in picked], [v / scale for _, v in picked], bar_width, color=COLORS.get(backend))
+            for x, value in picked:
+                if value < 0.02 * largest:  # a bar too low to see reads as a missing one: write what it holds
+                    ax.text(x, 0, f" {_bytes_text(value)}", ha="center", va="bottom", rotation=90, fontsize=7,
+                            color=COLORS.get(backend), weight="bold")
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(f"{unit} (lower is better)")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
+        ax.margins(y=0.08)
         ax.grid(axis="y", alpha=0.3)
+    axes[-1][0].set_xlabel(shape_axis_label(rows))
     note = "" if len(metrics) > 1 else "; peak allocation is measured on CUDA only"
-    fig.suptitle(f"Memory per backend and shape ({combo[0]}, {combo[1]}{note})")
-    return save(fig, path)
+    top = header(fig, f"Memory per backend and shape ({combo[0]}, {combo[1]}{note})\n"
+                      "bars too low to see are written with their size (0: nothing extra)",
+                 _color_handles(names), names)
+    return save(fig, path, rect=(0, 0, 1, top))
 
 
 def plot_step(rows, path: Path) -> bool:
@@ -305,6 +409,7 @@ def plot_step(rows, path: Path) -> bool:
             ax.text(x, rest + bn_act, f"{r['bn_act_share_pct']:.0f}%\n{r['speedup_vs_eager']:.2f}x", ha="center",
                     va="bottom", fontsize=7)
         ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("variant")
         ax.set_xlim(-0.6, len(variants) - 0.4)  # room for a skipped variant's label at either end
         ax.set_title(f"{precision}, batch {batch}", fontsize=10)
         ax.set_ylabel("ms per training step")
@@ -312,13 +417,9 @@ def plot_step(rows, path: Path) -> bool:
         ax.grid(axis="y", alpha=0.3)
     from matplotlib.patches import Patch
 
-    handles = [Patch(color="0.75", label="network without BN+act (identity)"),
-               Patch(color=COLORS["eager"], label="BN+act, PyTorch"),
-               Patch(color=COLORS["tritonbn"], label="BN+act, tritonbn.fuse")]
-    top = 1 - 0.8 / fig.get_figheight()  # two title lines and the legend's row take the top 0.8 inch
-    fig.suptitle(f"Training step of {ok[0]['model']} (lower is better)\nabove each bar: BN+act's share of the "
-                 "step, speedup over eager", y=0.998, fontsize=10)
-    fig.legend(handles=handles, fontsize=8, loc="upper center", ncols=3, frameon=False,
-               bbox_to_anchor=(0.5, top + 0.3 / fig.get_figheight()))
+    handles = [Patch(color="0.75"), Patch(color=COLORS["eager"]), Patch(color=COLORS["tritonbn"])]
+    top = header(fig, f"Training step of {ok[0]['model']} (lower is better)\nabove each bar: BN+act's share of the "
+                      "step, speedup over eager", handles,
+                 ["network without BN+act (identity)", "BN+act, PyTorch", "BN+act, tritonbn.fuse"])
     figure_note(fig, rows)
     return save(fig, path, rect=(0, 0.03, 1, top))

@@ -16,14 +16,15 @@ from .bandwidth import floor_passes
 from .constants import BASELINES, MODES, TIME_KINDS
 from .results import read_rows
 from .summary import (
+    backends,
     bound_per_shape,
     geomean,
     geomean_speedups,
     has_split,
     is_performance,
     measured,
-    timings,
 )
+from .timing import MEANINGS
 
 
 def fmt(value, spec=".3g") -> str:
@@ -160,16 +161,32 @@ def _problem_lines(rows) -> list[str]:
             "in the CSV).", ""] + table(["backend", "status", "rows"], body)
 
 
+def _timing_text(rows) -> str:
+    """Each timing label of the rows that hold a time, what it means, and the backends timed so."""
+    rows_of = {}
+    for r in rows:
+        if math.isfinite(r["e2e_ms"]):
+            rows_of.setdefault(r["timing"], []).append(r)
+    return "; ".join(f"`{label}` ({MEANINGS.get(label, 'unknown label')}): {', '.join(backends(labelled))}"
+                     for label, labelled in sorted(rows_of.items())) or "no row holds a time"
+
+
+def _measured_text(rows) -> str:
+    stamps = sorted(r["timestamp"] for r in rows)
+    if stamps[0] == stamps[-1]:
+        return stamps[0] + (" (every row records this one time; sweeps before per-row times recorded when they "
+                             "started)" if len(rows) > 1 else "")
+    return f"{stamps[0]} to {stamps[-1]} (the first and the last row's)"
+
+
 def _header_lines(rows, csv_path) -> list[str]:
     first = rows[0]
-    labels = ", ".join(sorted(timings(rows)))
     lines = ["# tritonbn performance report", ""]
     if not is_performance(rows):
-        lines += ["> **Warning: these timings are not performance.** They were taken on a CPU "
-                  f"(`timing = {labels}`): the Triton kernels ran under the interpreter or the PyTorch "
-                  "reference path. They show that the harness and the kernels work; only a GPU run "
+        lines += ["> **Warning: these timings are not performance.** They were taken on a CPU: the wall time of "
+                  "Triton's interpreter, which runs a kernel's programs one after another in Python, or of "
+                  "PyTorch's CPU code. They show that the harness and the kernels work; only a GPU run "
                   "(`timing = cuda-events`) measures speed.", ""]
-    stamps = sorted(r["timestamp"] for r in rows)
     methods = Counter(r["device_method"] for r in rows if r["device_method"])
     device_time = ", ".join(f"{m} ({n} rows)" for m, n in methods.most_common()) or "not measured in this CSV"
     return lines + [
@@ -177,9 +194,9 @@ def _header_lines(rows, csv_path) -> list[str]:
         f"- Device: {', '.join(sorted({r['device'] for r in rows}))}",
         f"- Versions: torch {first['torch']}, triton {first['triton']}, cuDNN {first['cudnn']}",
         f"- Git commit: {provenance.commit(rows, provenance.read(Path(csv_path).parent))}",
-        f"- Measured: {stamps[0]} to {stamps[-1]}",
-        f"- Timing (e2e): {labels}; device copy bandwidth measured in the same run: "
-        f"{fmt(geomean(r['copy_gbps'] for r in rows))} GB/s",
+        f"- Measured: {_measured_text(rows)}",
+        f"- Timing (e2e), per label: {_timing_text(rows)}",
+        f"- Device copy bandwidth measured in the same run: {fmt(geomean(r['copy_gbps'] for r in rows), '.4g')} GB/s",
         f"- Device time: {device_time}",
         "- Effective bandwidth uses the minimum-bytes model of `tritonbn.perf.bandwidth` (fwd: read x, write "
         "y; bwd: read dy and x, write dx; a residual adds its reads and writes).",

@@ -57,6 +57,10 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def environment(device: torch.device) -> dict:
     """The columns that say where and with what a row was measured."""
     import triton
@@ -72,7 +76,7 @@ def environment(device: torch.device) -> dict:
         "triton": triton.__version__,
         "cudnn": str(cudnn) if cudnn else "none",
         "git_commit": git_commit(),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": now(),
     }
 
 

@@ -141,12 +141,13 @@ def run(cfg: StepConfig, device: torch.device, progress=lambda message: None) ->
     torch.manual_seed(cfg.seed)
     base, source = models.build(network)
     plain = models.without_bn_act(copy.deepcopy(base))
-    env, label, rows = results.environment(device), timing_label(device), []
+    env, rows = results.environment(device), []
     for batch in cfg.batches:
         for precision in cfg.precisions:
             without = {}  # compile mode -> the BN-less network's step time (fusing changes nothing there)
             for variant in cfg.variants:
                 progress(f"step: {network.name} batch {batch} {precision} {variant}")
+                label = timing_label(device, tritonbn=VARIANTS[variant][0])
                 row = _describe(cfg, source, models.batch_norm_layers(base), batch, precision, variant, label)
                 row |= env
                 rows.append(row)
@@ -188,6 +189,10 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['batch']:>5} {r['dtype'] + '-' + r['layout']:<10}{r['variant']:<18}{r['step_ms']:>10.4g}"
                      f"{r['without_bn_act_ms']:>14.4g}{r['bn_act_share_pct']:>8.1f}%{r['speedup_vs_eager']:>9.3g}x"
                      f"  {r['status']}")
-    lines.append(f"model: {rows[0]['model']}; timing: {rows[0]['timing']}; BN+act share measured by "
+    variants = {}
+    for r in rows:
+        variants.setdefault(r["timing"], []).append(r["variant"])
+    timing = "; ".join(f"{label} ({', '.join(dict.fromkeys(names))})" for label, names in variants.items())
+    lines.append(f"model: {rows[0]['model']}; timing: {timing}; BN+act share measured by "
                  f"{SHARE_METHOD} (every BN and ReLU replaced by identity, skip adds kept)")
     return "\n".join(lines)

@@ -229,7 +229,7 @@ def describe(cfg: Config, backend: str, device: torch.device, copy_gbps: float) 
         "preset": cfg.preset, "shape": cfg.case.label, "ndim": len(shape), "channels": cfg.case.channels,
         "reduced": cfg.case.reduced, "layers": cfg.case.layers, "dtype": cfg.dtype, "layout": cfg.layout,
         "activation": cfg.activation, "residual": cfg.residual, "mode": cfg.mode, "backend": backend,
-        "timing": timing_label(device), "copy_gbps": copy_gbps,
+        "timing": timing_label(device, tritonbn=backend == "tritonbn"), "copy_gbps": copy_gbps,
         "min_bytes": bandwidth.min_bytes(cfg.mode, numel, itemsize, cfg.residual, cfg.activation),
         "floor_bytes": bandwidth.floor_passes(cfg.mode, cfg.residual, cfg.activation) * numel * itemsize,
         "device_method": "", **dict.fromkeys(MEASURED, math.nan),
@@ -280,12 +280,13 @@ def run(cfgs: list[Config], backends: list[Backend], skipped: dict, device: torc
                 row.update(measure_backend(backend, cfg, inputs, reference, device))
             if cuda:
                 torch.cuda.synchronize(device)
+            row["timestamp"] = results.now()  # when this row was measured
             derive(row)
             rows.append(row)
             bar.update()
         for name, reason in skipped.items():
             row = describe(cfg, name, device, copy_gbps) | env
-            row.update(status=f"skipped: {reason}", ok=False)
+            row.update(status=f"skipped: {reason}", ok=False, timestamp=results.now())
             derive(row)
             rows.append(row)
             bar.update()

@@ -2,10 +2,12 @@
 
 On CUDA: CUDA events through `triton.testing.do_bench` (warm-up, L2 flushed between runs), median with
 p20/p80; a call whose host work outlasts its kernels is timed with those host stalls included. Elsewhere:
-wall-clock medians of a few runs, labelled so that no report presents them as performance: `interpreter`
-when tritonbn's kernels run under Triton's interpreter, `cpu-reference` when CPU tensors take the PyTorch
-reference path (as they do in a process whose kernels were compiled for a GPU). `tritonbn.backend` says
-which, as it decided for the whole process. `breakdown` splits the time into host and device parts.
+wall-clock medians of a few runs, labelled by what ran, so that no report presents them as performance:
+`interpreter` when tritonbn's kernels run under Triton's interpreter, `cpu-reference` when tritonbn's CPU
+tensors take the PyTorch reference path (as they do in a process whose kernels were compiled for a GPU),
+`cpu-pytorch` for PyTorch's own CPU code (the eager and compile backends, a network without tritonbn).
+`tritonbn.backend` says which path tritonbn takes, as it decided for the whole process. `breakdown` splits
+the time into host and device parts.
 """
 
 import statistics
@@ -16,13 +18,22 @@ import torch
 CUDA_EVENTS = "cuda-events"
 INTERPRETER = "interpreter"
 CPU_REFERENCE = "cpu-reference"
+CPU_PYTORCH = "cpu-pytorch"
+MEANINGS = {CUDA_EVENTS: "CUDA events around each call, on a GPU",
+            INTERPRETER: "wall time on a CPU, tritonbn's kernels under Triton's interpreter",
+            CPU_REFERENCE: "wall time on a CPU, tritonbn's PyTorch reference path",
+            CPU_PYTORCH: "wall time on a CPU, PyTorch's own CPU code"}
 
 
-def timing_label(device: torch.device) -> str:
+def timing_label(device: torch.device, tritonbn: bool = True) -> str:
+    """How a call on `device` is timed, and on a CPU what runs in it: tritonbn (`tritonbn` True) or only
+    PyTorch's own code."""
     from tritonbn import backend
 
     if device.type == "cuda":
         return CUDA_EVENTS
+    if not tritonbn:
+        return CPU_PYTORCH
     return INTERPRETER if backend.uses_kernels(torch.empty(0, device=device)) else CPU_REFERENCE
 
 

@@ -8,6 +8,7 @@ not import triton.
 
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -90,11 +91,44 @@ def fresh_seed():
     return seed
 
 
+_STARTED = pytest.StashKey[float]()
+_COLLECTED = pytest.StashKey[bool]()
+
+
+def pytest_sessionstart(session):
+    """A line before pytest-xdist's workers start: which path runs, and why nothing else prints for a while."""
+    config = session.config
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if hasattr(config, "workerinput") or reporter is None:
+        return
+    config.stash[_STARTED] = time.monotonic()
+    path = "the compiled Triton kernels on cuda" if torch.cuda.is_available() else \
+        "the Triton kernels under Triton's interpreter, on the CPU (no GPU here)"
+    workers = getattr(config.option, "numprocesses", None)
+    wait = f"; {workers} workers start by importing torch and collecting every test" if workers else ""
+    reporter.write_line(f"tritonbn tests: {path}{wait}")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Under pytest-xdist: when the first worker has collected, how many tests and how long it took."""
+    config = node.config
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or _STARTED not in config.stash or config.stash.get(_COLLECTED, False):
+        return
+    config.stash[_COLLECTED] = True
+    seconds = time.monotonic() - config.stash[_STARTED]
+    reporter.write_line(f"{node.gateway.id} collected {len(ids)} tests in {seconds:.0f} s")
+
+
 # Tests marked ``timm`` need the real timm package: they run wherever it imports and are deselected (counted
 # as deselected, never as passed or skipped) wherever it does not, and the run's summary says which.  timm
 # needs torchvision, which a CPU build of torch may lack, so being installed is not enough: it must import.
-# Under pytest-xdist the workers collect and the controller prints, so the line travels in workeroutput.
+# Under pytest-xdist the workers collect and the controller prints and counts: a worker sends the timm line and
+# every test it deselected (timm's, and those of -m or -k) in its workeroutput, and the controller counts the
+# first worker's, as every worker collects every test.
 _TIMM_LINE = pytest.StashKey[str]()
+_COUNTED = pytest.StashKey[bool]()
 
 
 def _timm_import() -> tuple[str | None, str]:
@@ -123,11 +157,23 @@ def pytest_collection_modifyitems(config, items):
         config.stash[_TIMM_LINE] = line
 
 
+def pytest_deselected(items):
+    """On a pytest-xdist worker, note the deselected tests for the controller, whose summary counts them."""
+    config = getattr(items[0], "config", None) if items else None  # the controller's items are node ids
+    if config is not None and hasattr(config, "workeroutput"):
+        config.workeroutput.setdefault("deselected", []).extend(item.nodeid for item in items)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-    line = getattr(node, "workeroutput", {}).get("timm")
-    if line:
-        node.config.stash[_TIMM_LINE] = line
+    output = getattr(node, "workeroutput", {})
+    if not output or node.config.stash.get(_COUNTED, False):
+        return
+    node.config.stash[_COUNTED] = True
+    if output.get("timm"):
+        node.config.stash[_TIMM_LINE] = output["timm"]
+    if output.get("deselected"):
+        node.config.hook.pytest_deselected(items=output["deselected"])
 
 
 def pytest_terminal_summary(terminalreporter, config):

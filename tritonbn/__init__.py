@@ -3,8 +3,6 @@
 Importing it is light: Triton is imported only when a kernel first runs.
 """
 
-# The modules' paths before they moved into tritonbn.conversion, attributes too (``tritonbn.fusion.fuse``).
-from . import fused_graph, fused_sequential, fusion, fx_patterns, hooks, tracing, unfusion  # noqa: F401
 from .backend import cpu_reference, uses_kernels
 from .conversion import FuseReport, fuse, unfuse
 from .functional import batch_norm_act

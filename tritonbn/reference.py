@@ -8,6 +8,8 @@ to the input's dtype. The backward pieces at the end are the kernels' contract f
 whose gradient sums cross ranks: ``tritonbn.kernels.grouped`` has the same four functions.
 """
 
+import math
+
 import torch
 
 from .activations import REGISTRY
@@ -28,8 +30,11 @@ def _reduce_dims(x: torch.Tensor) -> list[int]:
 
 
 def count_per_channel(x: torch.Tensor) -> int:
-    """How many values each channel's batch statistics are taken over: N * (spatial size)."""
-    return x.numel() // x.shape[1] if x.shape[1] else 0
+    """How many values each channel's batch statistics are taken over: N * (spatial size).
+
+    Under torch.jit.trace the sizes, and so the count, are tensors: the trace computes it for its input.
+    """
+    return math.prod((x.shape[0], *x.shape[2:]))
 
 
 def compute_dtype(input: torch.Tensor) -> torch.dtype:
@@ -44,7 +49,8 @@ def update_running_stats(running_mean, running_var, mean, m2, count, momentum, b
     ``momentum``, or where that is None 1 / (``batches`` + 1): a num_batches_tracked counter not yet counting this
     batch, read on the device (no host sync, no graph break under torch.compile). Nothing to do without running
     statistics or for an empty batch."""
-    if running_mean is None or count == 0:
+    # A trace cannot branch on its traced count (and its example batch is not empty).
+    if running_mean is None or (not torch.jit.is_tracing() and count == 0):
         return
     dtype = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
     factor = float(momentum) if momentum is not None else 1.0 / (batches + 1).to(dtype)

@@ -5,6 +5,7 @@ PyTorch raises RuntimeError for the same mistake, the error class also derives f
 written against ``nn.BatchNorm`` keeps catching it.
 """
 
+import contextlib
 import functools
 import math
 
@@ -81,6 +82,18 @@ def check_activation(activation: str) -> str:
     return activation
 
 
+@contextlib.contextmanager
+def _sizes_as_ints():
+    """torch.jit.trace hands out sizes as tensors, to record what is computed from them. The checks are no part
+    of the traced computation: they run once, on the example's sizes, with the tracer paused."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 def check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training, *,
                           check_batch_size=True):
     """Raise a clear error for anything ``batch_norm_act`` cannot compute; return nothing.
@@ -88,6 +101,10 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, residu
     ``check_batch_size=False`` skips the "more than 1 value per channel" check, for synchronized batch
     norm, whose statistics are over the whole process group rather than this rank's batch.
     """
+    if torch.jit.is_tracing():
+        with _sizes_as_ints():
+            return check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training,
+                                         check_batch_size=check_batch_size)
     check_tensor_types(input, running_mean, running_var, weight, bias, residual)
     if input.dtype not in FLOAT_DTYPES:
         raise InputDtypeError(f'"batch_norm" not implemented for {input.dtype}: the input must be one of '

@@ -11,6 +11,7 @@ import logging
 
 import pytest
 import torch
+from functorch.compile import make_boxed_compiler
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 
@@ -106,7 +107,9 @@ def test_no_graph_breaks_and_kernel_ops_in_the_graph(device, training):
     explanation = torch._dynamo.explain(copy.deepcopy(model))(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     forward_graphs, backward_graphs = GraphRecorder(), GraphRecorder()
-    backend = aot_autograd(fw_compiler=forward_graphs, bw_compiler=backward_graphs)
+    # AOTAutograd calls its compilers' functions with boxed (list) arguments.
+    backend = aot_autograd(fw_compiler=make_boxed_compiler(forward_graphs),
+                           bw_compiler=make_boxed_compiler(backward_graphs))
     torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
     targets = forward_graphs.targets() | backward_graphs.targets()
     if device == "cuda":  # the triton ops: the graphs hold the kernels themselves, no tritonbn op

@@ -295,9 +295,9 @@ class Messages(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-@pytest.mark.parametrize("name", ["tritonbn.conversion.fusion", "tritonbn.fusion", "tritonbn"])
+@pytest.mark.parametrize("name", ["tritonbn.conversion.fusion", "tritonbn"])
 def test_report_is_logged(name):
-    """Once per logger, on the module's logger, its parents' and that of its path before the move."""
+    """Once per logger, on the module's logger and its parents'."""
     logger, handler = logging.getLogger(name), Messages()
     level = logger.level
     logger.addHandler(handler)

@@ -122,3 +122,14 @@ def test_sweep_into_an_empty_file(tmp_path, monkeypatch):
     path.write_text("")
     monkeypatch.setattr("tritonbn.perf.sweep.run", lambda *args, **kwargs: [])
     assert main(["sweep", "--shape", "2,3", "--device", "cpu", "--no-progress", "--out", str(path)]) == 0
+
+
+def test_sweep_says_which_preset_it_chose_and_why_a_backend_is_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("tritonbn.perf.sweep.run", lambda *args, **kwargs: [])
+    monkeypatch.setattr("tritonbn.perf.backends._importable", lambda module: f"{module} is not importable (test)")
+    assert main(["sweep", "--device", "cpu", "--backend", "eager,apex", "--no-progress",
+                 "--out", str(tmp_path / "r.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "sweep: preset tiny, the default on a CPU" in err and "ResNet-50's would take hours" in err
+    assert ("skipping backend apex, an optional comparison with another library, run only where it is installed: "
+            "apex.contrib.groupbn.batch_norm is not importable (test)") in err

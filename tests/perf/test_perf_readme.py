@@ -1,4 +1,5 @@
-"""`tritonbn-perf readme`: the README's results block comes from the GPU CSVs under perf/results, not by hand."""
+"""`tritonbn-perf readme`: the results blocks of README.md (each device's latest run) and docs/results.md (every
+run) come from the GPU CSVs under perf/results, not by hand."""
 
 import json
 import math
@@ -29,8 +30,11 @@ def sweep_row(shape, backend, e2e_ms, device_ms, timing="cuda-events", commit="a
 
 @pytest.fixture
 def tree(tmp_path):
-    """A README with an empty block, a GPU sweep (with provenance), a CPU sweep and a traffic table."""
+    """A README and a results page with empty blocks, a GPU sweep (with provenance), a CPU sweep and a traffic
+    table."""
     (tmp_path / "README.md").write_text(f"# x\n\n## Results\n\n{readme.BEGIN}\n{readme.END}\n\n## Next\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.md").write_text(f"# Results\n\n{readme.BEGIN}\n{readme.END}\n")
     gpu = tmp_path / "perf" / "results" / "h100"
     gpu.mkdir(parents=True)
     # tritonbn: e2e 2x slower on one shape, 2x faster on the other (geomean 1); device 4x faster on both
@@ -50,7 +54,8 @@ def run_readme(tree, *extra):
 
 
 def test_block_holds_the_gpu_sweeps_geomeans(tree, capsys):
-    assert run_readme(tree, "--check") == 1  # the block is still empty
+    (tree / "perf" / "results" / "h100" / "speedup_fwd.png").write_bytes(b"")  # the report's plot of the run
+    assert run_readme(tree, "--check") == 1  # the blocks are still empty
     assert run_readme(tree) == 0
     text = (tree / "README.md").read_text()
     assert text.startswith("# x\n\n## Results\n\n") and text.endswith(f"{readme.END}\n\n## Next\n")
@@ -60,9 +65,13 @@ def test_block_holds_the_gpu_sweeps_geomeans(tree, capsys):
     assert "tritonbn commit abc1234; torch 2.11.0, triton 3.6.0" in block  # the CSV's commit comes first
     assert "| mode | backend | e2e speedup vs eager | device speedup vs eager | configs |" in block
     assert "| fwd | tritonbn | 1 | 4 | 2 |" in block
+    assert "](perf/results/h100/speedup_fwd.png)" in block  # the headline plot
     assert "2x3" not in block and "traffic" not in block  # the CPU sweep and other tables are left out
+    page = readme.split((tree / "docs" / "results.md").read_text())[1]
+    assert "[`../perf/results/h100/sweep.csv`](../perf/results/h100/sweep.csv) (4 rows)" in page  # from docs/
+    assert "| fwd | tritonbn | 1 | 4 | 2 |" in page and ".png)" not in page
     assert run_readme(tree, "--check") == 0
-    assert "up to date" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("results block up to date") == 2
 
 
 def test_without_gpu_results_the_block_says_so(tree):
@@ -70,6 +79,7 @@ def test_without_gpu_results_the_block_says_so(tree):
         path.unlink()
     assert run_readme(tree) == 0
     assert "No GPU results under `perf/results/` yet." in (tree / "README.md").read_text()
+    assert "No GPU results under `../perf/results/` yet." in (tree / "docs" / "results.md").read_text()
 
 
 def test_readme_without_the_markers_exits_2(tree, capsys):
@@ -80,9 +90,17 @@ def test_readme_without_the_markers_exits_2(tree, capsys):
     assert (tree / "README.md").read_text() == "# no block here\n"
 
 
+def test_missing_history_page_exits_2(tree, capsys):
+    (tree / "docs" / "results.md").unlink()
+    assert run_readme(tree) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert readme.split((tree / "README.md").read_text())[1] == f"{readme.BEGIN}\n{readme.END}"  # nothing written
+
+
 def test_older_runs_follow_as_history_with_their_provenance(tree):
-    """A run in a folder inside the device's, older than the device folder's own: it comes second, under
-    History, labelled as the older run, with the commit its provenance.json records."""
+    """A run in a folder inside the device's, older than the device folder's own: on the results page it comes
+    second, under History, labelled as the older run, with the commit its provenance.json records; the README
+    shows the latest run and links the page."""
     older = tree / "perf" / "results" / "h100" / "first-run"
     older.mkdir()
     results.write_rows(older / "sweep.csv", [
@@ -91,12 +109,17 @@ def test_older_runs_follow_as_history_with_their_provenance(tree):
     (older / "provenance.json").write_text(json.dumps({"label": "the first run", "commit": "0123abc"}))
     assert run_readme(tree) == 0
     block = readme.split((tree / "README.md").read_text())[1]
-    latest = block.index("#### NVIDIA H100 80GB HBM3: a test run")
-    history = block.index("#### History: older runs on NVIDIA H100 80GB HBM3")
-    first = block.index("##### NVIDIA H100 80GB HBM3, older run of 2026-01-05: the first run")
+    assert "#### NVIDIA H100 80GB HBM3: a test run" in block and "first-run" not in block
+    assert "1 older run on NVIDIA H100 80GB HBM3 in the results history: [`docs/results.md`](docs/results.md)." \
+        in block
+    page = readme.split((tree / "docs" / "results.md").read_text())[1]
+    latest = page.index("#### NVIDIA H100 80GB HBM3: a test run")
+    history = page.index("#### History: older runs on NVIDIA H100 80GB HBM3")
+    first = page.index("##### NVIDIA H100 80GB HBM3, older run of 2026-01-05: the first run")
     assert latest < history < first
-    old_part = block[first:]
-    assert "[`perf/results/h100/first-run/sweep.csv`](perf/results/h100/first-run/sweep.csv) (2 rows)" in old_part
+    old_part = page[first:]
+    assert "[`../perf/results/h100/first-run/sweep.csv`](../perf/results/h100/first-run/sweep.csv) (2 rows)" \
+        in old_part
     assert "tritonbn commit 0123abc (from provenance.json; the CSV has none)" in old_part
     assert "| mode | backend | e2e speedup vs eager | configs |" in old_part  # no device time in that run
     assert "| fwd | tritonbn | 0.25 | 1 |" in old_part

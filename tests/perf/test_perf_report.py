@@ -38,6 +38,11 @@ def test_report_files(tiny_csv, tmp_path):
     md = (out / "report.md").read_text()
     assert "**Warning: these timings are not performance.**" in md.splitlines()[2]
     assert f"torch {torch.__version__}" in md and "Device: cpu" in md
+    stamps = sorted(r["timestamp"] for r in results.read_rows(tiny_csv))  # each row's own time
+    measured = f"- Measured: {stamps[0]} to {stamps[-1]} (the first and the last row's)" if stamps[0] != stamps[-1] \
+        else f"- Measured: {stamps[0]} (every row records this one time"
+    assert measured in md
+    assert "`cpu-pytorch` (wall time on a CPU, PyTorch's own CPU code): eager" in md  # eager's label is its own
     assert "| fwd | tritonbn |" in md and "| fwd_bwd | tritonbn |" in md
     assert "| mode | backend | e2e vs eager | e2e vs compile | device vs eager | device vs compile | configs |" in md
     assert "## Host- or device-bound, per shape" in md and "## Slowest shapes" in md
@@ -122,3 +127,52 @@ def test_commit_from_the_provenance_beside_the_csv(tiny_csv, tmp_path):
     assert main(["report", str(tmp_path / "sweep.csv"), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "- Git commit: ddd3d3b (from provenance.json; the CSV has none)" in md
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The report's figures, laid out as save lays them out, kept open to be measured instead of written."""
+    from tritonbn.perf import plots
+
+    kept = []
+
+    def keep(fig, path, rect=(0, 0, 1, 1), rows=None):
+        if rows is not None:
+            plots.figure_note(fig, rows)
+        fig.tight_layout(rect=rect)
+        fig.canvas.draw()
+        kept.append(fig)
+        return True
+
+    monkeypatch.setattr(plots, "save", keep)
+    yield kept
+    plots.pyplot().close("all")
+
+
+@pytest.mark.parametrize("where", ["cpu", "gpu"])
+def test_plots_read(tiny_csv, tmp_path, figures, where):
+    """Every panel's axes say what they show; the title and the legend sit above the panels, clear of them and of
+    each other; CPU timings are watermarked inside every timing panel; a memory bar too low to see has its size
+    written."""
+    from tritonbn.perf import report
+
+    rows = results.read_rows(tiny_csv)
+    if where == "gpu":
+        rows = gpu_like(rows, host_bound_shapes=set())
+    report._plots(rows, tmp_path)
+    assert len(figures) >= 6
+    for fig in figures:
+        renderer = fig.canvas.get_renderer()
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        legend = fig.legends[0].get_window_extent(renderer)
+        title = fig._suptitle.get_window_extent(renderer)
+        assert not legend.overlaps(title) and title.y0 > legend.y1
+        for ax in panels:
+            assert ax.get_title() and any(a.get_ylabel() for a in ax.get_shared_y_axes().get_siblings(ax))
+            assert not ax.get_tightbbox(renderer).overlaps(legend), ax.get_title()
+            watermarks = [t for t in ax.texts if t.get_text() == "CPU timings: NOT performance"]
+            timing = not fig._suptitle.get_text().startswith("Memory")  # bytes are no timing: no watermark
+            assert len(watermarks) == (1 if where == "cpu" and timing else 0)
+        assert any(ax.get_xlabel().startswith("shape, ") for ax in panels)  # what a shape label's numbers are
+    memory = next(fig for fig in figures if fig._suptitle.get_text().startswith("Memory"))
+    assert "0" in [t.get_text().strip() for t in memory.axes[0].texts]  # tritonbn saves nothing extra

@@ -54,7 +54,8 @@ def test_values(tiny_csv):
     by_key = {results.row_key(r): r for r in rows}
     for row in rows:
         assert row["status"] == "ok" and row["ok"], row
-        assert row["timing"] == ("interpreter" if interpreted else "cpu-reference")
+        tritonbn_label = "interpreter" if interpreted else "cpu-reference"
+        assert row["timing"] == (tritonbn_label if row["backend"] == "tritonbn" else "cpu-pytorch")
         assert row["device"].startswith("cpu") and row["torch"] == torch.__version__
         assert row["git_commit"] in (commit or "unknown", "unknown")
         assert row["e2e_ms"] > 0 and row["e2e_p20_ms"] <= row["e2e_ms"] <= row["e2e_p80_ms"]
@@ -75,6 +76,12 @@ def test_values(tiny_csv):
         elif row["backend"] == "eager" and row["mode"] != "bwd":
             # eager saves x (an input) and ReLU's output, a tensor the network would not otherwise keep
             assert row["saved_extra_bytes"] >= numel * 4 and row["saved_bytes"] >= row["saved_extra_bytes"] + numel * 4
+
+
+def test_each_row_records_when_it_was_measured(tiny_csv):
+    with open(tiny_csv, newline="") as f:
+        stamps = [r["timestamp"] for r in csv.DictReader(f)]
+    assert stamps == sorted(stamps) and all(stamp.endswith("+00:00") for stamp in stamps)
 
 
 def test_device_and_host_split(tiny_csv):

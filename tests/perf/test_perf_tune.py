@@ -23,7 +23,8 @@ def test_tune_on_a_cpu_checks_every_candidate_a_gpu_would_time(tmp_path, device)
     argv = ["tune", "--preset", "tiny", "--dtype", "fp32", "--layout", "nhwc", "--direction", "fwd,bwd",
             "--device", device, "--out", str(out), "--table", str(table)]
     assert main(argv) == 0
-    rows = list(csv.DictReader(out.open()))
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
     cases = {(r["shape"], r["direction"]) for r in rows}
     assert len(cases) == len(tune.cases(["tiny"], 64, ["fp32"], ["nhwc"], ["fwd", "bwd"])) == 4  # 4-D and 5-D
     for shape, direction in cases:

@@ -33,10 +33,6 @@ from .timm_layers import fused_norm_act, is_timm_norm_act
 from .tracing import specialized_defaults, trace
 
 logger = logging.getLogger(__name__)
-# Handlers set up for this module's path before the move, "tritonbn.fusion", get the report too.  That
-# logger does not propagate, so "tritonbn" and the root get it once, from `logger`.
-_old_path_logger = logging.getLogger("tritonbn.fusion")
-_old_path_logger.propagate = False
 
 REPORT_ATTRIBUTE = "tritonbn_fuse_report"
 
@@ -169,8 +165,7 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         result = model
     report.unfused.update(_other_batch_norms(model))
     setattr(result, REPORT_ATTRIBUTE, report)
-    for log in (logger, _old_path_logger):
-        log.info("%s", report.summary())
+    logger.info("%s", report.summary())
     return result
 
 
