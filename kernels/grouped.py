@@ -271,8 +271,9 @@ def grad_sums(dy, x, gathered, weight, bias, residual, eps, activation, negative
     gradient), for the gradients ``needs`` asks for (input, weight, bias, residual; None for those not wanted).
     ``gathered``: the ranks' moments the forward gathered."""
     plan = _backward_plan(dy, x, gathered, weight, bias, residual, activation, needs)
-    dweight = torch.zeros(plan.C, dtype=plan.weight_dtype, device=plan.device) if plan.need_weight else None
-    dbias = torch.zeros(plan.C, dtype=plan.bias_dtype, device=plan.device) if plan.need_bias else None
+    allocate = torch.zeros if plan.empty else torch.empty  # an empty rank's sums and gradients are 0
+    dweight = allocate(plan.C, dtype=plan.weight_dtype, device=plan.device) if plan.need_weight else None
+    dbias = allocate(plan.C, dtype=plan.bias_dtype, device=plan.device) if plan.need_bias else None
     dz = torch.empty_strided(plan.shape, plan.dx_stride, dtype=plan.dz_dtype, device=plan.device) \
         if plan.need_dz else None
     dresidual = dy if plan.dresidual_is_dy else dz
