@@ -6,6 +6,8 @@ One jit function, ``backward_kernel``; its PHASE constexpr says what a launch do
   last program of each channel block totals them once, stores the totals and the weight and bias gradients.
 - APPLY: dx = (dz - mean(dz) - xhat * mean(dz * xhat)) * weight * rstd (training; dz * weight * rstd in eval),
   with the sums GIVEN (the ticket's totals, or SyncBN's over the group) or MERGEd by each program itself.
+SyncBatchNormAct's launches take the group's statistics and value count GATHERED: each program merges them
+from the ranks' moments the forward gathered (tiles.gathered_stats), as the forward did.
 - PERSISTENT: both in one launch, dy and x kept in registers across a grid-wide barrier.
 
 Traffic in passes over one activation tensor: read dy, x (sums), read dy, x + write dx (input) = 5; the
@@ -36,6 +38,7 @@ from .plan import (
 )
 from .tiles import (
     APPLY,
+    GATHERED,
     GIVEN,
     MERGE,
     PARTIALS,
@@ -45,6 +48,7 @@ from .tiles import (
     affine,
     channel_block,
     channel_stats,
+    gathered_stats,
     grid_barrier,
     scalar,
     split_tiles,
@@ -115,7 +119,7 @@ def backward_kernel(
     dy_ptr,  # gradient of the output (read unless LOAD_DZ)
     x_ptr,  # input saved from the forward
     residual_ptr,  # residual saved from the forward (read to recompute z when HAS_RESIDUAL)
-    stats_ptr,  # [2, C] mean then rstd (STATS == GIVEN)
+    stats_ptr,  # [2, C] mean then rstd (STATS == GIVEN), or the ranks' [ranks, 4, C] moments (GATHERED)
     weight_ptr, bias_ptr,  # [C] affine parameters (read when HAS_WEIGHT / HAS_BIAS)
     running_mean_ptr, running_var_ptr,  # [C] the statistics an eval forward used (STATS == RUNNING)
     sums_ptr,  # [2, C] totals of dz and dz * xhat (out of TICKET, in when SUMS == GIVEN), then the partials
@@ -123,12 +127,12 @@ def backward_kernel(
     dz_ptr,  # dz = dy * act'(z), the residual's gradient: written when STORE_DZ, read when LOAD_DZ
     dx_ptr,  # out when STORE_DX: gradient of the input
     dweight_ptr, dbias_ptr,  # [C] out when STORE_DWEIGHT / STORE_DBIAS: sum of dz * xhat, sum of dz
-    eps_hi, eps_lo,  # eps as a float32 head and tail (STATS == RUNNING)
+    eps_hi, eps_lo,  # eps as a float32 head and tail (STATS == RUNNING or GATHERED)
     slope_hi, slope_lo,  # leaky_relu's negative slope as a float32 head and tail
-    count,  # number of values each channel's statistics were taken over
+    count,  # number of values each channel's statistics were taken over (GATHERED: merged, this unused)
     R, N, C, S,  # rows (N * S), samples, channels, spatial size
     s_tiles, num_tiles, tiles_per_split,  # PLANES: tiles per sample run; tiles in all; tiles per split
-    num_partials,  # splits of the partials being added (SUMS == MERGE)
+    num_partials,  # splits of the partials being added (SUMS == MERGE), or ranks (STATS == GATHERED)
     dy_sa, dy_sc, dy_sb,  # strides of dy (plan.kernel_strides)
     x_sa, x_sc, x_sb,  # strides of x
     r_sa, r_sc, r_sb,  # strides of the residual
@@ -136,7 +140,7 @@ def backward_kernel(
     dx_sa, dx_sc, dx_sb,  # strides of dx
     w_s, b_s, rm_s, rv_s,  # element strides of weight, bias, running_mean and running_var
     PHASE: tl.constexpr,  # PARTIALS, TICKET, APPLY or PERSISTENT (tiles.py)
-    STATS: tl.constexpr,  # GIVEN (training) or RUNNING (eval)
+    STATS: tl.constexpr,  # GIVEN (training), RUNNING (eval) or GATHERED (SyncBatchNormAct)
     SUMS: tl.constexpr,  # APPLY in training: GIVEN (totals at sums_ptr) or MERGE (add the partials here)
     TRAINING: tl.constexpr,  # the statistics came from the batch, so dx has the mean/variance terms
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -150,8 +154,12 @@ def backward_kernel(
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     cols, col_mask = channel_block(C, BLOCK_C)
-    mean, rstd = channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo, C, cols,
-                               col_mask, STATS, COMPUTE)
+    if STATS == GATHERED:  # the group's statistics and value count, merged exactly as the forward merged them
+        count, mean, _, rstd = gathered_stats(stats_ptr, eps_hi, eps_lo, C, cols, col_mask, num_partials, BLOCK_C,
+                                              COMPUTE)
+    else:
+        mean, rstd = channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo, C, cols,
+                                   col_mask, STATS, COMPUTE)
     scale, bias = affine(rstd, weight_ptr, bias_ptr, w_s, b_s, cols, col_mask, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     negative_slope = scalar(slope_hi, slope_lo, mean)
     num_splits = tl.num_programs(1)

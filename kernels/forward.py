@@ -8,12 +8,15 @@ One jit function, ``forward_kernel``; its PHASE constexpr says what a launch doe
 - APPLY: y = act((x - mean) * rstd * weight + bias [+ residual]) with the statistics GIVEN (finalized by
   the ticket), MERGEd by each program from the partials (the merge variant), or from the RUNNING ones (eval).
 - PERSISTENT: both in one launch, the tile kept in registers across a grid-wide barrier (one tile a program).
+- MOMENTS (SyncBatchNormAct): PARTIALS, then the ticket's last program stores the rank's merged (count, mean
+  head, mean tail, M2) for the group to gather; APPLY with the statistics GATHERED then merges the ranks'.
 
 Traffic in passes over one activation tensor (the residual adds its own read):
   training, two launches: read x (moments), read x + write y (normalise)   = 3
   training, persistent:   read x, write y                                   = 2
   eval:                   read x + write y                                  = 2
-The workspace holds [2, C] mean and rstd (what backward needs), then the [4, splits, C] partials.
+The workspace holds [2, C] mean and rstd (what backward needs), then the [4, splits, C] partials; MOMENTS's
+holds the rank's [4, C] moments in place of mean and rstd.
 """
 
 import torch
@@ -45,8 +48,10 @@ from .plan import (
 )
 from .tiles import (
     APPLY,
+    GATHERED,
     GIVEN,
     MERGE,
+    MOMENTS,
     PARTIALS,
     PERSISTENT,
     RUNNING,
@@ -55,7 +60,10 @@ from .tiles import (
     channel_block,
     channel_stats,
     count_batch,
+    finite_or_zero,
+    gathered_stats,
     grid_barrier,
+    nonnegative,
     scalar,
     split_tiles,
     take_ticket,
@@ -75,16 +83,13 @@ def _load_tile(x_ptr, t, R, N, S, s_tiles, cols, col_mask, x_sa, x_sc, x_sb, LAY
 
 
 @triton.jit
-def _finite_or_zero(value):
-    """``value`` where it is finite, else 0: a shift that is inf or NaN would turn every deviation into NaN,
-    where the statistics must show an inf as PyTorch's do (mean inf, variance NaN)."""
-    return tl.where(value - value == 0.0, value, 0.0)
-
-
-@triton.jit
-def _nonnegative(m2):
-    """M2 with rounding's small negative values clamped to 0 and NaN kept (``tl.maximum`` would drop it)."""
-    return tl.where(m2 < 0.0, 0.0, m2)
+def _two_sum(shift, offset):
+    """(head, tail): head = shift + offset rounded, and what the rounding dropped, exactly (Knuth's two-sum);
+    a non-finite head gets no tail (inf - inf would be NaN)."""
+    head = shift + offset
+    offset_part = head - shift
+    tail = (shift - (head - offset_part)) + (offset - offset_part)
+    return head, tl.where(head - head == 0.0, tail, 0.0)
 
 
 @triton.jit
@@ -100,7 +105,7 @@ def _split_moments(x, mask, rows, x_ptr, t, end, R, N, S, s_tiles, cols, col_mas
     so the merge across splits loses nothing to the head's rounding (which, at mean 1e4 and std 1, would be
     1e-5 of the variance).
     """
-    shift = _finite_or_zero(tl.sum(x, axis=0) / rows)
+    shift = finite_or_zero(tl.sum(x, axis=0) / rows)
     deviation = tl.where(mask, x - shift[None, :], 0.0)
     sum_dev = deviation
     sum_sq = deviation * deviation
@@ -115,19 +120,16 @@ def _split_moments(x, mask, rows, x_ptr, t, end, R, N, S, s_tiles, cols, col_mas
         t += 1
     total_dev = tl.sum(sum_dev, axis=0)
     offset = total_dev / count
-    m2 = _nonnegative(tl.sum(sum_sq, axis=0) - total_dev * offset)
-    # Two-sum: head + tail == shift + offset exactly; a non-finite head gets no tail (inf - inf would be NaN).
-    head = shift + offset
-    offset_part = head - shift
-    tail = (shift - (head - offset_part)) + (offset - offset_part)
-    return tl.zeros_like(shift) + count, head, tl.where(head - head == 0.0, tail, 0.0), m2
+    m2 = nonnegative(tl.sum(sum_sq, axis=0) - total_dev * offset)
+    head, tail = _two_sum(shift, offset)
+    return tl.zeros_like(shift) + count, head, tail, m2
 
 
 @triton.jit
 def _merge_moments(part_ptr, C, cols, col_mask, num_splits, SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
                    COMPUTE: tl.constexpr):
-    """(count, mean, M2) of the channels ``cols`` from [4, num_splits, C] partials (counts, mean heads, mean
-    tails, M2s).
+    """(count, shift, offset, M2) of the channels ``cols`` from [4, num_splits, C] partials (counts, mean heads,
+    mean tails, M2s): their mean is shift + offset.
 
     The parallel-variance merge, M2 = sum of (M2_i + n_i (mean_i - mean)^2), in [SPLIT_BLOCK, BLOCK_C] tiles
     in split order, with deviations (head_i - head_0) + tail_i from split 0's head: the heads' difference is
@@ -136,8 +138,8 @@ def _merge_moments(part_ptr, C, cols, col_mask, num_splits, SPLIT_BLOCK: tl.cons
     may have written them.
     """
     split_size = num_splits * C
-    shift = _finite_or_zero(tl.load(part_ptr + split_size + cols, mask=col_mask, other=0.0,
-                                    cache_modifier=".cg").to(COMPUTE))
+    shift = finite_or_zero(tl.load(part_ptr + split_size + cols, mask=col_mask, other=0.0,
+                                   cache_modifier=".cg").to(COMPUTE))
     count = tl.zeros([BLOCK_C], dtype=COMPUTE)
     sum_dev = tl.zeros([BLOCK_C], dtype=COMPUTE)
     sum_sq = tl.zeros([BLOCK_C], dtype=COMPUTE)
@@ -157,7 +159,35 @@ def _merge_moments(part_ptr, C, cols, col_mask, num_splits, SPLIT_BLOCK: tl.cons
         first += SPLIT_BLOCK
     count = tl.where(col_mask, count, 1.0)  # channels past C: no 0 / 0 (which the interpreter warns about)
     offset = sum_dev / count
-    return count, shift + offset, _nonnegative(sum_sq - sum_dev * offset)
+    return count, shift, offset, nonnegative(sum_sq - sum_dev * offset)
+
+
+@triton.jit
+def _running_factor(momentum_hi, momentum_lo, batches, like, CUMULATIVE: tl.constexpr):
+    """The running averages' factor, shaped like ``like``: ``momentum`` (a float32 head and tail), or with
+    CUMULATIVE (``momentum=None``) 1 / ``batches``, the num_batches_tracked count that includes this batch, read on
+    the device (as _BatchNorm's 1 / num_batches_tracked after its increment)."""
+    if CUMULATIVE:
+        return 1.0 / (tl.zeros_like(like) + batches.to(like.dtype))
+    return scalar(momentum_hi, momentum_lo, like)
+
+
+@triton.jit
+def _update_running(running_mean_ptr, running_var_ptr, rm_s, rv_s, factor, count, mean, m2, cols, col_mask,
+                    COMPUTE: tl.constexpr):
+    """Move the running statistics towards the batch's (unbiased variance): factor * batch + (1 - factor) *
+    running, PyTorch's own formula, so a factor of 1 gives the batch's statistics exactly and an inf running
+    value stays inf where the factor is below 1. A channel without values (count 0: every rank of a group
+    empty) keeps its running statistics, as an empty batch does."""
+    keep = 1.0 - factor
+    running_mean = tl.load(running_mean_ptr + cols * rm_s, mask=col_mask, other=0.0).to(COMPUTE)
+    running_var = tl.load(running_var_ptr + cols * rv_s, mask=col_mask, other=0.0).to(COMPUTE)
+    running_mean = factor * mean + keep * running_mean
+    # Unbiased, as PyTorch; channels past C (count 1 there) divide by 1, not 0.
+    running_var = factor * (m2 / tl.where(col_mask, count - 1.0, 1.0)) + keep * running_var
+    update = col_mask & (count > 0.0)
+    tl.store(running_mean_ptr + cols * rm_s, running_mean.to(running_mean_ptr.dtype.element_ty), mask=update)
+    tl.store(running_var_ptr + cols * rv_s, running_var.to(running_var_ptr.dtype.element_ty), mask=update)
 
 
 @triton.jit
@@ -166,38 +196,40 @@ def _finalize(workspace_ptr, counters_ptr, running_mean_ptr, running_var_ptr, rm
               COUNT_BATCHES: tl.constexpr, CUMULATIVE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
               COMPUTE: tl.constexpr):
     """(mean, rstd) of the batch from the partials after the workspace's [2, C] statistics; where ``store`` holds,
-    those are stored there, the running statistics move towards the batch's (unbiased variance) and, with
-    COUNT_BATCHES, num_batches_tracked counts the batch.
-
-    The update is PyTorch's own formula, factor * batch + (1 - factor) * running, so a factor of 1 gives the
-    batch's statistics exactly and an inf running value stays inf below it. The factor is ``momentum`` (a float32
-    head and tail), or with CUMULATIVE (momentum=None) 1 / (batches before this one + 1), the count read on the
-    device, as _BatchNorm's 1 / num_batches_tracked after its increment."""
-    count, mean, m2 = _merge_moments(workspace_ptr + 2 * C, C, cols, col_mask, num_splits, SPLIT_BLOCK, BLOCK_C,
-                                     COMPUTE)
+    those are stored there, the running statistics updated (``_update_running``) and, with COUNT_BATCHES, the batch
+    counted in num_batches_tracked (``count_batch``: every finalizer reads the count before it)."""
+    count, shift, offset, m2 = _merge_moments(workspace_ptr + 2 * C, C, cols, col_mask, num_splits, SPLIT_BLOCK,
+                                              BLOCK_C, COMPUTE)
+    mean = shift + offset
     rstd = 1.0 / tl.sqrt(m2 / count + scalar(eps_hi, eps_lo, mean))
     if store:
         tl.store(workspace_ptr + cols, mean, mask=col_mask)
         tl.store(workspace_ptr + C + cols, rstd, mask=col_mask)
         if UPDATE_RUNNING:
+            batches = 0
             if COUNT_BATCHES:
-                batches_before = tl.load(batches_ptr)
-            if CUMULATIVE:
-                factor = 1.0 / (tl.zeros_like(mean) + (batches_before + 1).to(COMPUTE))
-            else:
-                factor = scalar(momentum_hi, momentum_lo, mean)
-            keep = 1.0 - factor
-            running_mean = tl.load(running_mean_ptr + cols * rm_s, mask=col_mask, other=0.0).to(COMPUTE)
-            running_var = tl.load(running_var_ptr + cols * rv_s, mask=col_mask, other=0.0).to(COMPUTE)
-            running_mean = factor * mean + keep * running_mean
-            # Unbiased, as PyTorch; channels past C (count 1 there) divide by 1, not 0.
-            running_var = factor * (m2 / tl.where(col_mask, count - 1.0, 1.0)) + keep * running_var
-            tl.store(running_mean_ptr + cols * rm_s, running_mean.to(running_mean_ptr.dtype.element_ty),
-                     mask=col_mask)
-            tl.store(running_var_ptr + cols * rv_s, running_var.to(running_var_ptr.dtype.element_ty), mask=col_mask)
+                batches = tl.load(batches_ptr) + 1  # the count with this batch
+            _update_running(running_mean_ptr, running_var_ptr, rm_s, rv_s,
+                            _running_factor(momentum_hi, momentum_lo, batches, mean, CUMULATIVE), count, mean, m2,
+                            cols, col_mask, COMPUTE)
             if COUNT_BATCHES:
-                count_batch(counters_ptr, batches_ptr, batches_before)
+                count_batch(counters_ptr, batches_ptr, batches)
     return mean, rstd
+
+
+@triton.jit
+def _store_moments(workspace_ptr, C, cols, col_mask, num_splits, SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                   COMPUTE: tl.constexpr):
+    """This rank's (count, mean head, mean tail, M2), merged from the partials after the workspace's [4, C],
+    stored there for the group to gather (SyncBatchNormAct): the tail keeps what the head's rounding drops, so
+    the merge across ranks is as precise as the one across splits."""
+    count, shift, offset, m2 = _merge_moments(workspace_ptr + 4 * C, C, cols, col_mask, num_splits, SPLIT_BLOCK,
+                                              BLOCK_C, COMPUTE)
+    head, tail = _two_sum(shift, offset)
+    tl.store(workspace_ptr + cols, count, mask=col_mask)
+    tl.store(workspace_ptr + C + cols, head, mask=col_mask)
+    tl.store(workspace_ptr + 2 * C + cols, tail, mask=col_mask)
+    tl.store(workspace_ptr + 3 * C + cols, m2, mask=col_mask)
 
 
 @triton.jit
@@ -223,23 +255,24 @@ def forward_kernel(
     x_ptr,  # input
     y_ptr,  # out (APPLY, PERSISTENT): act((x - mean) * rstd * weight + bias [+ residual]), output dtype
     residual_ptr,  # residual added before the activation (read when HAS_RESIDUAL)
-    workspace_ptr,  # [2, C] mean and rstd (out, or in when GIVEN), then the [4, num_splits, C] partials
+    workspace_ptr,  # [2, C] mean and rstd (out, or in when GIVEN), then the [4, num_splits, C] partials; MOMENTS:
+    # [4, C] this rank's moments (out), then the partials; GATHERED: the ranks' [ranks, 4, C] moments (in)
     counters_ptr,  # int32 ticket counters and grid barrier (tiles.py), zero at rest
     weight_ptr, bias_ptr,  # [C] affine parameters (read when HAS_WEIGHT / HAS_BIAS)
     running_mean_ptr, running_var_ptr,  # [C] folded in eval (STATS == RUNNING), updated when UPDATE_RUNNING
-    batches_ptr,  # num_batches_tracked: incremented when COUNT_BATCHES, the factor's source when CUMULATIVE
+    batches_ptr,  # num_batches_tracked: incremented when COUNT_BATCHES (else counted already), the CUMULATIVE factor's
     eps_hi, eps_lo,  # eps as a float32 head and tail
     momentum_hi, momentum_lo,  # running-average factor as a float32 head and tail (unless CUMULATIVE)
     slope_hi, slope_lo,  # leaky_relu's negative slope as a float32 head and tail
     R, N, C, S,  # rows (N * S), samples, channels, spatial size (product of the dims after C; 1 for 2-D)
     s_tiles, num_tiles, tiles_per_split,  # PLANES: tiles per sample run; tiles in all; tiles per split
-    num_partials,  # splits of the partials being merged (STATS == MERGE)
+    num_partials,  # splits of the partials being merged (STATS == MERGE), or ranks (STATS == GATHERED)
     x_sa, x_sc, x_sb,  # strides of x (plan.kernel_strides)
     y_sa, y_sc, y_sb,  # strides of y
     r_sa, r_sc, r_sb,  # strides of the residual
     w_s, b_s, rm_s, rv_s,  # element strides of weight, bias, running_mean and running_var
-    PHASE: tl.constexpr,  # PARTIALS, TICKET, APPLY or PERSISTENT (tiles.py)
-    STATS: tl.constexpr,  # APPLY: GIVEN, MERGE or RUNNING (tiles.py)
+    PHASE: tl.constexpr,  # PARTIALS, TICKET, APPLY, PERSISTENT or MOMENTS (tiles.py)
+    STATS: tl.constexpr,  # APPLY: GIVEN, MERGE, RUNNING or GATHERED (tiles.py)
     UPDATE_RUNNING: tl.constexpr,  # fold the batch statistics into the running ones
     COUNT_BATCHES: tl.constexpr,  # count this batch in num_batches_tracked (a module's training call)
     CUMULATIVE: tl.constexpr,  # the factor is 1 / num_batches_tracked (momentum=None), not momentum
@@ -260,7 +293,10 @@ def forward_kernel(
         count, head, tail, m2 = _split_moments(x, mask, rows, x_ptr, first + 1, end, R, N, S, s_tiles, cols,
                                                col_mask, x_sa, x_sc, x_sb, LAYOUT, BLOCK_R, BLOCK_S, INDEX_I64,
                                                COMPUTE)
-        partials = workspace_ptr + 2 * C + tl.program_id(1) * C + cols
+        if PHASE == MOMENTS:
+            partials = workspace_ptr + 4 * C + tl.program_id(1) * C + cols
+        else:
+            partials = workspace_ptr + 2 * C + tl.program_id(1) * C + cols
         tl.store(partials, count, mask=col_mask)
         tl.store(partials + num_splits * C, head, mask=col_mask)
         tl.store(partials + 2 * num_splits * C, tail, mask=col_mask)
@@ -270,6 +306,9 @@ def forward_kernel(
                 _finalize(workspace_ptr, counters_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, batches_ptr,
                           eps_hi, eps_lo, momentum_hi, momentum_lo, C, cols, col_mask, num_splits, True,
                           UPDATE_RUNNING, COUNT_BATCHES, CUMULATIVE, SPLIT_BLOCK, BLOCK_C, COMPUTE)
+        elif PHASE == MOMENTS:
+            if take_ticket(counters_ptr, num_splits):
+                _store_moments(workspace_ptr, C, cols, col_mask, num_splits, SPLIT_BLOCK, BLOCK_C, COMPUTE)
     if PHASE == PERSISTENT:
         grid_barrier(counters_ptr)
     if PHASE == APPLY or PHASE == PERSISTENT:
@@ -280,6 +319,18 @@ def forward_kernel(
                                    batches_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo, C, cols, col_mask,
                                    partial_splits, tl.program_id(1) == 0, UPDATE_RUNNING, COUNT_BATCHES, CUMULATIVE,
                                    SPLIT_BLOCK, BLOCK_C, COMPUTE)
+        elif STATS == GATHERED:
+            # SyncBatchNormAct: every program merges the ranks' moments; split 0's programs update.
+            count, mean, m2, rstd = gathered_stats(workspace_ptr, eps_hi, eps_lo, C, cols, col_mask, num_partials,
+                                                   BLOCK_C, COMPUTE)
+            if UPDATE_RUNNING:
+                if tl.program_id(1) == 0:
+                    batches = 0
+                    if CUMULATIVE:
+                        batches = tl.load(batches_ptr)  # the module counted this batch before the call
+                    _update_running(running_mean_ptr, running_var_ptr, rm_s, rv_s,
+                                    _running_factor(momentum_hi, momentum_lo, batches, mean, CUMULATIVE), count, mean,
+                                    m2, cols, col_mask, COMPUTE)
         else:
             mean, rstd = channel_stats(workspace_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_hi, eps_lo, C,
                                        cols, col_mask, STATS, COMPUTE)

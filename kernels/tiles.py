@@ -11,6 +11,11 @@ tiles of BLOCK_R rows. Rows are (sample, spatial position) pairs. Per layout fam
 Each tensor brings its own three strides (see plan.kernel_strides), so views and mixed layouts need no copy.
 Offsets are int32 unless INDEX_I64 (a tensor that spans more than 2**31 elements).
 
+SyncBatchNormAct's statistics are a process group's: each rank's forward stores its own (count, mean head,
+mean tail, M2) per channel (PHASE == MOMENTS), the ranks' are gathered, and every program that needs the
+group's statistics merges them itself, in rank order (STATS == GATHERED, ``gathered_stats``), in forward and
+backward alike: the same bits in both, and no statistics to store between them.
+
 Loops are ``while`` loops: triton 3.6's interpreter cannot bound a ``range`` by a runtime value (it converts
 a one-element array to an int, which numpy >= 2.4 refuses); compiled, the two give the same code.
 """
@@ -28,12 +33,14 @@ PLANES = tl.constexpr(plan.PLANES)
 GIVEN = tl.constexpr(0)  # read from a [2, C] buffer of mean and rstd (finalized already, or SyncBN's)
 MERGE = tl.constexpr(1)  # merged by this program from the first launch's partials (the merge variant)
 RUNNING = tl.constexpr(2)  # folded from the running statistics (eval)
+GATHERED = tl.constexpr(3)  # merged by this program from the ranks' [ranks, 4, C] moments (SyncBatchNormAct)
 
 # What a launch does (the PHASE constexpr).
 PARTIALS = tl.constexpr(0)  # per-split partial results only (merge variant, SyncBN, persistent under the interpreter)
 TICKET = tl.constexpr(1)  # partials, then the last program of each channel block finalizes them
 APPLY = tl.constexpr(2)  # the elementwise pass: normalise (forward) or the input gradient (backward)
 PERSISTENT = tl.constexpr(3)  # partials, a grid-wide barrier, then APPLY on the tile still in registers
+MOMENTS = tl.constexpr(4)  # forward: partials, then the ticket's last program stores the rank's merged moments
 
 
 @triton.jit
@@ -104,6 +111,57 @@ def channel_stats(stats_ptr, running_mean_ptr, running_var_ptr, rm_s, rv_s, eps_
 
 
 @triton.jit
+def finite_or_zero(value):
+    """``value`` where it is finite, else 0: a shift that is inf or NaN would turn every deviation into NaN,
+    where the statistics must show an inf as PyTorch's do (mean inf, variance NaN)."""
+    return tl.where(value - value == 0.0, value, 0.0)
+
+
+@triton.jit
+def nonnegative(m2):
+    """M2 with rounding's small negative values clamped to 0 and NaN kept (``tl.maximum`` would drop it)."""
+    return tl.where(m2 < 0.0, 0.0, m2)
+
+
+@triton.jit
+def gathered_stats(moments_ptr, eps_hi, eps_lo, C, cols, col_mask, ranks, BLOCK_C: tl.constexpr,
+                   COMPUTE: tl.constexpr):
+    """(count, mean, M2, rstd) per channel over a process group, from ``ranks`` ranks' [4, C] moments (count,
+    mean head, mean tail, M2: what PHASE == MOMENTS stores), gathered back to back at ``moments_ptr``.
+
+    The parallel-variance merge, with deviations (head_r - shift) + tail_r from the first rank that holds
+    values (the ranks before it add nothing, so the shift may wait for it): an empty rank 0 costs no
+    precision, and the merge is as precise as one rank's. Rank by rank, each step elementwise per channel, so
+    the bits depend on nothing but the moments: forward and backward get the same statistics. A channel that
+    no rank holds a value of (count 0: every rank empty) gets finite placeholders, which nothing reads.
+    """
+    count = tl.zeros([BLOCK_C], dtype=COMPUTE)
+    shift = tl.zeros_like(count)
+    sum_dev = tl.zeros_like(count)
+    sum_sq = tl.zeros_like(count)
+    r = 0
+    while r < ranks:
+        moments = moments_ptr + r * 4 * C + cols
+        n = tl.load(moments, mask=col_mask, other=0.0).to(COMPUTE)
+        head = tl.load(moments + C, mask=col_mask, other=0.0).to(COMPUTE)
+        tail = tl.load(moments + 2 * C, mask=col_mask, other=0.0).to(COMPUTE)
+        m2 = tl.load(moments + 3 * C, mask=col_mask, other=0.0).to(COMPUTE)
+        shift = tl.where(count == 0.0, finite_or_zero(head), shift)
+        deviation = tl.where(n > 0.0, (head - shift) + tail, 0.0)
+        count += n
+        sum_dev += n * deviation
+        sum_sq += m2 + n * deviation * deviation
+        r += 1
+    count = tl.where(col_mask, count, 1.0)  # channels past C: no 0 / 0 (which the interpreter warns about)
+    divisor = tl.where(count > 0.0, count, 1.0)
+    offset = sum_dev / divisor
+    mean = shift + offset
+    m2 = nonnegative(sum_sq - sum_dev * offset)
+    rstd = 1.0 / tl.sqrt(m2 / divisor + scalar(eps_hi, eps_lo, mean))
+    return count, mean, m2, rstd
+
+
+@triton.jit
 def affine(rstd, weight_ptr, bias_ptr, w_s, b_s, cols, col_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
            COMPUTE: tl.constexpr):
     """(scale = weight * rstd, bias) of a tile's channels (element strides ``w_s``, ``b_s``); weight 1 and bias 0
@@ -159,15 +217,15 @@ def take_ticket(counters_ptr, num_splits):
 
 
 @triton.jit
-def count_batch(counters_ptr, batches_ptr, batches_before):
-    """Called once by each program that finalizes a channel block, after it read num_batches_tracked
-    (``batches_before``): the last of them to get here stores batches_before + 1, so every finalizer reads the
-    count before this batch, whichever finishes first. An integer ticket in the slot after the channel blocks'
-    own, set back to 0 for the next launch."""
+def count_batch(counters_ptr, batches_ptr, counted):
+    """Called once by each program that finalizes a channel block, after it read num_batches_tracked and took
+    ``counted`` (the count with this batch) from it: the last of them to get here stores ``counted``, so every
+    finalizer reads the count before this batch, whichever finishes first. An integer ticket in the slot after the
+    channel blocks' own, set back to 0 for the next launch."""
     tl.debug_barrier()  # every thread of this program has read the count
     ticket = counters_ptr + 1 + tl.num_programs(0)
     if tl.atomic_add(ticket, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-        tl.store(batches_ptr, batches_before + 1)
+        tl.store(batches_ptr, counted)
         tl.atomic_xchg(ticket, 0, sem="relaxed")
 
 

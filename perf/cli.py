@@ -1,4 +1,5 @@
-"""`tritonbn-perf`: sweep, report, traffic, step, impact, readme, tune, compile-check and host-floor subcommands.
+"""`tritonbn-perf`: sweep, report, traffic, step, impact, readme, tune, compile-check, host-floor and sync
+subcommands.
 
 A bad flag or value, an output that cannot be written or an input CSV that cannot be used ends with one
 line on stderr and exit status 2, never a traceback. Outputs are checked before anything is measured, so
@@ -184,10 +185,24 @@ def _add_host_floor(sub):
     p.add_argument("--batches", type=_positive, default=9, help="interleaved batches per way")
 
 
+def _add_sync(sub):
+    p = sub.add_parser("sync", help="SyncBatchNormAct against nn.SyncBatchNorm + ReLU: collectives and host syncs "
+                                    "per call, and on GPUs device and host time, in a group of processes")
+    p.add_argument("--shape", type=_shape, action="append", default=[],
+                   help="per-rank shape N,C[,spatial...] (default: ResNet-50's on CUDA, 2,4,4,4 on a CPU)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--world-size", type=_positive, default=None,
+                   help="processes in the group (default: every GPU, one each; 2 gloo processes on a CPU)")
+    p.add_argument("--calls", type=_positive, default=50, help="calls per timed batch on CUDA")
+    _add_device(p)
+    p.add_argument("--out", default=None, help="also write the rows as CSV here")
+
+
 def build_parser(command: str | None) -> Parser:
     parser = Parser(prog="tritonbn-perf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{sweep,report,traffic,step,impact,readme,tune,compile-check,host-floor}")
+                                metavar="{sweep,report,traffic,step,impact,readme,tune,compile-check,host-floor,"
+                                        "sync}")
     _add_sweep(sub)
     _add_report(sub)
     _add_traffic(sub)
@@ -201,6 +216,7 @@ def build_parser(command: str | None) -> Parser:
     _add_tune(sub)
     _add_compile_check(sub)
     _add_host_floor(sub)
+    _add_sync(sub)
     return parser
 
 
@@ -451,8 +467,32 @@ def _host_floor(args):
     return 0
 
 
+def _sync(args):
+    import torch
+
+    from . import sync
+    from .results import write_table
+    from .sweep import TORCH_DTYPES
+
+    device = _device(args.device)
+    if args.out:
+        _writable_file(args.out)
+    world_size = args.world_size or (torch.cuda.device_count() if device.type == "cuda" else 2)
+    if device.type == "cuda" and world_size > torch.cuda.device_count():
+        raise UsageError(f"--world-size {world_size}: NCCL needs a GPU per process, and {torch.cuda.device_count()} "
+                         "are here")
+    shapes = args.shape or (sync.GPU_SHAPES if device.type == "cuda" else sync.CPU_SHAPES)
+    rows = sync.run(device, shapes, TORCH_DTYPES[args.dtype], world_size, args.calls)
+    print(sync.format_table(rows))
+    if args.out:
+        write_table(rows, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 COMMANDS = {"sweep": _sweep, "report": _report, "traffic": _traffic, "step": _step, "impact": _impact,
-            "readme": _readme, "tune": _tune, "compile-check": _compile_check, "host-floor": _host_floor}
+            "readme": _readme, "tune": _tune, "compile-check": _compile_check, "host-floor": _host_floor,
+            "sync": _sync}
 
 
 def main(argv=None) -> int:

@@ -4,8 +4,7 @@ PyTorch implementation of it.
 This is what CPU tensors run when the Triton interpreter is off (so models keep working on any CPU), what
 double backward differentiates, and what PyTorch's transforms see. It is differentiable through autograd.
 Statistics are taken in float32 (float64 for float64 input), as in the kernels, and the output is cast back
-to the input's dtype. The backward pieces at the end are the kernels' contract for synchronized batch norm,
-whose gradient sums cross ranks: ``tritonbn.kernels.grouped`` has the same four functions.
+to the input's dtype. (SyncBatchNormAct's pieces in PyTorch ops are tritonbn/sync/reference.py.)
 """
 
 import math
@@ -61,12 +60,6 @@ def update_running_stats(running_mean, running_var, mean, m2, count, momentum, b
         running.data.copy_(factor * batch.detach().to(dtype) + keep * running.data.to(dtype))
 
 
-def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and M2 (sum of squared deviations from it) of the batch, differentiably."""
-    mean, var = statistics(x, None, None, training=True)
-    return mean, var * count_per_channel(x)
-
-
 def statistics(input, running_mean, running_var, training) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 1: per-channel (mean, biased variance), of the batch in training, else the running estimates."""
     dtype = compute_dtype(input)
@@ -114,35 +107,3 @@ def output_dtype(input: torch.Tensor, residual) -> torch.dtype:
     """The dtype of act(bn(input) + residual): the input's, promoted with the residual's as an add does."""
     return input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
 
-
-# ---------------------------------------------------------------------------------------------------
-# Backward in pieces, for synchronized batch norm (the same contract as tritonbn.kernels.grouped)
-# ---------------------------------------------------------------------------------------------------
-
-
-def _dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual):
-    """(dz, xhat): dz = dy * act'(z) through the activation's own autograd, z recomputed from x."""
-    xhat, z = _pre_activation(x, mean, rstd, weight, bias, residual, mean.dtype)
-    with torch.enable_grad():
-        z = z.detach().requires_grad_()
-        (dz,) = torch.autograd.grad(activate(z, activation, negative_slope), z, dy.to(z.dtype))
-    return dz, xhat
-
-
-def backward_reduce(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual):
-    """Per-channel (sum of dz, sum of dz * xhat): the bias and weight gradients."""
-    dz, xhat = _dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual)
-    return dz.sum(_reduce_dims(x)), (dz * xhat).sum(_reduce_dims(x))
-
-
-def backward_input(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual, sum_dz, sum_dz_xhat,
-                   count, training=True):
-    """(grad input, grad residual = dz), given the sums over all ``count`` values of each channel."""
-    dz, xhat = _dz_and_xhat(dy, x, mean, rstd, weight, bias, activation, negative_slope, residual)
-    scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-    dxhat = dz
-    if training:  # the batch statistics depend on x: their gradient comes back through every value
-        dxhat = dz - _channel_view(sum_dz / count, x.dim(), dz.dtype) \
-            - xhat * _channel_view(sum_dz_xhat / count, x.dim(), dz.dtype)
-    dx = (dxhat * _channel_view(scale, x.dim(), dz.dtype)).to(x.dtype)
-    return dx, None if residual is None else dz.to(dy.dtype)

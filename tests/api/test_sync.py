@@ -1,154 +1,246 @@
-"""SyncBatchNormAct over gloo on CPU against one-process batch norm over the concatenated batch, float64.
+"""SyncBatchNormAct in one process: its synchronized op in a gloo group of one against float64 batch norm, its
+collectives and the absence of host syncs counted, its torch.compile trace, and the module and conversion
+outside a group. Groups of several processes (uneven and empty ranks, DDP): tests/distributed.
 
-Each test spawns the ranks once and runs every case inside them, because starting processes is the
-slow part. Batches are uneven and one rank holds no samples at all.
+The synchronized op runs every piece and both collectives in a group of one too (the module itself computes
+what BatchNormAct does there, as nn.SyncBatchNorm does), so everything but the merge across ranks is checked
+here, on the kernels (interpreted) and, under --reference-path, on the PyTorch pieces.
 """
 
-import contextlib
-import itertools
+import copy
 import os
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _helpers import TORCH_ACTIVATIONS
+from torch._dynamo.backends.common import aot_autograd
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tritonbn
-from tritonbn.functional import cpu_reference
+from tritonbn.sync import sync_batch_norm_act
 
-# (activation, with residual, momentum, shape of one sample)
+
+@pytest.fixture
+def group_of_one():
+    """A gloo process group of this process alone, the world while the test runs."""
+    with tempfile.TemporaryDirectory() as folder:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'init')}", rank=0, world_size=1)
+        try:
+            yield dist.group.WORLD
+        finally:
+            dist.destroy_process_group()
+
+
+def expected(x, residual, weight, bias, running_mean, running_var, factor, activation, slope=0.2, eps=1e-5):
+    """float64 F.batch_norm + residual + activation; updates the running statistics given."""
+    z = F.batch_norm(x.double(), running_mean, running_var, weight.double(), bias.double(), True, factor, eps)
+    return TORCH_ACTIVATIONS[activation](z if residual is None else z + residual.double(), slope)
+
+
+def strided_vector(values, step=3):
+    """``values`` held every ``step``-th element of a longer tensor: a per-channel tensor with a stride."""
+    holder = torch.full((values.numel() * step,), float("nan"), dtype=values.dtype)
+    holder[::step] = values
+    return holder[::step]
+
+
+# (activation, residual, momentum, shape, x's layout, dtype, mean offset)
 CASES = [
-    ("relu", True, 0.1, (3, 4, 5)),
-    ("leaky_relu", False, None, (3, 6)),
-    ("silu", True, 0.3, (3,)),
+    ("relu", True, 0.1, (5, 3, 4, 4), "channels_last", torch.float64, 0.0),
+    ("leaky_relu", False, None, (6, 5), "contiguous", torch.float64, 0.0),
+    ("silu", True, 1.0, (4, 3, 7), "transposed", torch.float64, 0.0),
+    ("gelu", False, 0.3, (8, 3, 3, 3), "contiguous", torch.float32, 1e4),  # float32 at a mean far from 0
 ]
-NEGATIVE_SLOPE = 0.2
-STEPS = 2
-# The kernels (interpreted on CPU) and the PyTorch path that CPU tensors take without the interpreter.
-PATHS = {"kernels": contextlib.nullcontext, "reference": cpu_reference}
 
 
-def make_inputs(batch_sizes, sample_shape, residual, seed):
-    generator = torch.Generator().manual_seed(seed)
-    shape = (sum(batch_sizes), *sample_shape)
-    channels = sample_shape[0]
-    mean = torch.randn([1, channels] + [1] * (len(shape) - 2), generator=generator, dtype=torch.float64) * 2
-    return {
-        "x": torch.randn(shape, generator=generator, dtype=torch.float64) * 1.5 + mean,
-        "dy": torch.randn(shape, generator=generator, dtype=torch.float64),
-        "residual": torch.randn(shape, generator=generator, dtype=torch.float64) if residual else None,
-        "weight": torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5,
-        "bias": torch.randn(channels, generator=generator, dtype=torch.float64),
-    }
+def _arranged(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":  # spatial dims that do not collapse to one stride: read through a copy
+        return t.transpose(0, -1).contiguous().transpose(0, -1)
+    return t
 
 
-def local_slice(tensor, batch_sizes, rank):
-    if tensor is None:
-        return None
-    start = sum(batch_sizes[:rank])
-    return tensor[start : start + batch_sizes[rank]]
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_group_of_one_matches_batch_norm(group_of_one, case):
+    activation, with_residual, momentum, shape, layout, dtype, offset = case
+    channels = shape[1]
+    x = _arranged(torch.randn(shape, dtype=torch.float64) * 2 + offset, layout).to(dtype).requires_grad_()
+    residual = torch.randn(shape, dtype=dtype).requires_grad_() if with_residual else None
+    weight = (torch.rand(channels, dtype=dtype) + 0.5).requires_grad_()
+    bias = torch.randn(channels, dtype=dtype).requires_grad_()
+    running_mean = strided_vector(torch.randn(channels, dtype=dtype))  # per-channel tensors with strides
+    running_var = strided_vector(torch.rand(channels, dtype=dtype) + 0.5, step=2)
+    want_mean, want_var = running_mean.double(), running_var.double()
+    batches = torch.tensor(3)  # momentum=None: the factor is 1 / num_batches_tracked, read on the device
+    y = sync_batch_norm_act(x, running_mean, running_var, weight, bias, batches if momentum is None else momentum,
+                            activation=activation, negative_slope=0.2, residual=residual)
+    dy = _arranged(torch.randn(shape, dtype=dtype), "transposed")
+    inputs = [t for t in (x, residual, weight, bias) if t is not None]
+    grads = torch.autograd.grad(y, inputs, dy)
+
+    double_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    double_x, double_residual = double_inputs[0], double_inputs[1] if with_residual else None
+    want = expected(double_x, double_residual, *double_inputs[-2:], want_mean, want_var,
+                    1 / 3 if momentum is None else momentum, activation)
+    want_grads = torch.autograd.grad(want, double_inputs, dy.double())
+    if dtype == torch.float64:
+        torch.testing.assert_close([y, *grads, running_mean, running_var], [want, *want_grads, want_mean, want_var],
+                                   rtol=1e-9, atol=1e-9)
+        return
+    # float32 at a large mean: as precise as the single-process op (whose float32 mean rounds as this one's).
+    single_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    single = tritonbn.batch_norm_act(single_inputs[0], torch.zeros_like(running_mean), torch.ones_like(running_var),
+                                     *single_inputs[-2:], True, momentum, activation=activation, negative_slope=0.2,
+                                     residual=single_inputs[1] if with_residual else None)
+    single_grads = torch.autograd.grad(single, single_inputs, dy)
+    torch.testing.assert_close([running_mean.double(), running_var.double()], [want_mean, want_var], rtol=1e-5,
+                               atol=1e-5)
+    for got, one_process, wanted in zip([y, *grads], [single, *single_grads], [want, *want_grads]):
+        error = (got.double() - wanted).abs().max()
+        assert error <= 2 * (one_process.double() - wanted).abs().max() + 1e-5
 
 
-def run_rank(rank, world_size, init_file, batch_sizes, seed, results_dir):
-    # Inherited from the parent's environment; set again so the kernels surely run interpreted.
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        results = {}
-        for path in PATHS:
-            with PATHS[path]():
-                results[path] = [run_case(rank, batch_sizes, seed + index, *case) for index, case in enumerate(CASES)]
-        torch.save(results, os.path.join(results_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def test_group_of_one_keeps_nan_and_inf(group_of_one):
+    """A NaN or an inf in a channel reaches that channel's output and statistics, as in PyTorch's batch norm."""
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    x[2, 0, 1] = float("nan")
+    x[4, 1, 3] = float("inf")
+    running = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    want_running = [t.clone() for t in running]
+    y = sync_batch_norm_act(x, *running, activation="identity")
+    want = F.batch_norm(x, *want_running, training=True, momentum=0.1)
+    torch.testing.assert_close(y, want, equal_nan=True)
+    torch.testing.assert_close(running, want_running, equal_nan=True)
 
 
-def run_case(rank, batch_sizes, seed, activation, residual, momentum, sample_shape):
-    inputs = make_inputs(batch_sizes, sample_shape, residual, seed)
-    layer = tritonbn.SyncBatchNormAct(sample_shape[0], momentum=momentum, dtype=torch.float64,
-                                      activation=activation, negative_slope=NEGATIVE_SLOPE)
-    with torch.no_grad():
-        layer.weight.copy_(inputs["weight"])
-        layer.bias.copy_(inputs["bias"])
-    steps = []
-    for _ in range(STEPS):
-        x = local_slice(inputs["x"], batch_sizes, rank).clone().requires_grad_()
-        res = local_slice(inputs["residual"], batch_sizes, rank)
-        res = None if res is None else res.clone().requires_grad_()
-        layer.zero_grad()
-        y = layer(x, res)
-        y.backward(local_slice(inputs["dy"], batch_sizes, rank))
-        steps.append({
-            "y": y.detach(), "dx": x.grad, "dresidual": None if res is None else res.grad,
-            "dweight": layer.weight.grad.clone(), "dbias": layer.bias.grad.clone(),
-        })
-    layer.eval()
-    eval_out = layer(local_slice(inputs["x"], batch_sizes, rank), local_slice(inputs["residual"], batch_sizes, rank))
-    return {"steps": steps, "eval": eval_out, "state": layer.state_dict()}
+def test_group_of_one_value_per_channel(group_of_one):
+    """No rank can know on the host that the group holds one value per channel: nothing raises, the variance is
+    0 and the unbiased running variance 0 / 0, as nn.SyncBatchNorm's in a group; an empty group changes
+    nothing."""
+    bias = torch.randn(3, dtype=torch.float64)
+    running_mean, running_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    x = torch.randn(1, 3, dtype=torch.float64)
+    y = sync_batch_norm_act(x, running_mean, running_var, torch.ones(3, dtype=torch.float64), bias,
+                            activation="identity")
+    torch.testing.assert_close(y, bias[None])
+    torch.testing.assert_close(running_mean, 0.1 * x[0])
+    assert running_var.isnan().all()
+    before = running_mean.clone()
+    empty = sync_batch_norm_act(torch.empty(0, 3, 5, dtype=torch.float64), running_mean, running_var)
+    assert empty.shape == (0, 3, 5)
+    torch.testing.assert_close(running_mean, before)
 
 
-def expected_case(batch_sizes, seed, activation, residual, momentum, sample_shape):
-    """The same steps on the whole batch with nn.BatchNorm + torch ops in one process."""
-    inputs = make_inputs(batch_sizes, sample_shape, residual, seed)
-    bn = torch.nn.BatchNorm1d(sample_shape[0], momentum=momentum, dtype=torch.float64)
-    with torch.no_grad():
-        bn.weight.copy_(inputs["weight"])
-        bn.bias.copy_(inputs["bias"])
+class HostSyncs(TorchDispatchMode):
+    """Counts functional collectives by name, and fails on anything that reads a tensor's value on the host:
+    ``.item()``, ``.tolist()``, ``int()``, ``bool()`` (all aten._local_scalar_dense) and copies to the CPU of
+    tensors elsewhere."""
 
-    def forward(x, res):
-        z = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training,
-                         bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked), bn.eps)
-        return TORCH_ACTIVATIONS[activation](z if res is None else z + res, NEGATIVE_SLOPE)
+    def __init__(self):
+        super().__init__()
+        self.collectives = []
 
-    steps = []
-    for _ in range(STEPS):
-        x = inputs["x"].clone().requires_grad_()
-        res = None if inputs["residual"] is None else inputs["residual"].clone().requires_grad_()
-        bn.zero_grad()
-        bn.num_batches_tracked.add_(1)
-        y = forward(x, res)
-        y.backward(inputs["dy"])
-        steps.append({
-            "y": y.detach(), "dx": x.grad, "dresidual": None if res is None else res.grad,
-            "dweight": bn.weight.grad.clone(), "dbias": bn.bias.grad.clone(),
-        })
-    bn.eval()
-    return {"steps": steps, "eval": forward(inputs["x"], inputs["residual"]).detach(), "state": bn.state_dict()}
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name()
+        namespace, _, op = name.partition("::")
+        if namespace == "_c10d_functional" and op != "wait_tensor" and not op.startswith("_"):
+            self.collectives.append(op)  # (torch 2.13 wraps gathers for autograd in an op, _wrap_tensor_autograd)
+        assert func is not torch.ops.aten._local_scalar_dense.default, "a tensor's value was read on the host"
+        if func is torch.ops.aten._to_copy.default:
+            source = args[0].device.type
+            assert kwargs.get("device", args[0].device).type == source or source == "cpu", "copied to the host"
+        return func(*args, **kwargs)
 
 
-def check_against_single_process(world_size, batch_sizes):
-    seed = int(torch.randint(0, 2**31, ()).item())
-    with tempfile.TemporaryDirectory() as results_dir:
-        init_file = os.path.join(results_dir, "init")
-        mp.spawn(run_rank, args=(world_size, init_file, batch_sizes, seed, results_dir), nprocs=world_size)
-        ranks = [torch.load(os.path.join(results_dir, f"rank{r}.pt")) for r in range(world_size)]
-    for (index, case), path in itertools.product(enumerate(CASES), PATHS):
-        expected = expected_case(batch_sizes, seed + index, *case)
-        per_rank = [rank_results[path][index] for rank_results in ranks]
-        for step, want in enumerate(expected["steps"]):
-            got = [r["steps"][step] for r in per_rank]
-            where = f"{path}, case {case}, step {step}"
-            for key in ("y", "dx", "dresidual"):
-                if want[key] is None:
-                    assert all(g[key] is None for g in got)
-                    continue
-                torch.testing.assert_close(torch.cat([g[key] for g in got]), want[key], msg=lambda m, k=key, w=where:
-                                           f"{w}, {k}: {m}")
-            for key in ("dweight", "dbias"):  # local gradients, which DDP would then average
-                torch.testing.assert_close(sum(g[key] for g in got), want[key], msg=lambda m, k=key, w=where:
-                                           f"{w}, {k}: {m}")
-        torch.testing.assert_close(torch.cat([r["eval"] for r in per_rank]), expected["eval"])
-        for r in per_rank:
-            torch.testing.assert_close(r["state"], expected["state"], msg=lambda m, c=case: f"state, {c}: {m}")
+def test_one_collective_each_way_and_no_host_sync(group_of_one, monkeypatch):
+    for method in ("item", "tolist", "cpu", "numpy"):  # the readings TorchDispatchMode does not see on a CPU
+        monkeypatch.setattr(torch.Tensor, method, lambda *args, m=method, **kwargs: pytest.fail(f".{m}() called"))
+    layer_state = [torch.zeros(4), torch.ones(4)]
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    weight, bias = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    residual = torch.randn(3, 4, 5, requires_grad=True)
+    with HostSyncs() as forward:
+        y = sync_batch_norm_act(x, *layer_state, weight, bias, torch.tensor(2), activation="silu", residual=residual)
+    with HostSyncs() as backward:
+        y.backward(torch.randn_like(y))
+    assert forward.collectives == ["all_gather_into_tensor"]
+    assert backward.collectives == ["all_reduce"]
 
 
-@pytest.mark.parametrize(("world_size", "batch_sizes"), [(2, (0, 5)), (3, (3, 0, 2))])
-def test_matches_single_process_batch_norm(world_size, batch_sizes):
-    check_against_single_process(world_size, batch_sizes)
+class SyncBlock(torch.nn.Module):
+    """conv, synchronized BN + leaky_relu, conv, synchronized BN + residual + silu."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 3, 3, padding=1, bias=False, dtype=torch.float64)
+        self.conv2 = torch.nn.Conv2d(3, 3, 3, padding=1, bias=False, dtype=torch.float64)
+        self.bn1 = tritonbn.SyncBatchNormAct(3, activation="leaky_relu", negative_slope=0.2, dtype=torch.float64)
+        self.bn2 = tritonbn.SyncBatchNormAct(3, momentum=None, activation="silu", dtype=torch.float64)
+
+    def forward(self, x):
+        out = self._synchronized(self.bn1, self.conv1(x))
+        return self._synchronized(self.bn2, self.conv2(out), x)
+
+    @staticmethod
+    def _synchronized(bn, input, residual=None):
+        # What SyncBatchNormAct.forward runs in a group of several ranks, here in a group of one.
+        if bn.momentum is None:
+            bn.num_batches_tracked.add_(1)
+        momentum = bn.num_batches_tracked if bn.momentum is None else bn.momentum
+        return sync_batch_norm_act(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, momentum, bn.eps,
+                                   activation=bn.activation, negative_slope=bn.negative_slope, residual=residual)
+
+
+class GraphRecorder:
+    """A torch.compile backend that keeps the graphs it is given and runs them as they are."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs.append(graph_module)
+        return graph_module.forward
+
+    def targets(self):
+        nodes = [node for graph in self.graphs for node in graph.graph.nodes]
+        return [str(node.target) for node in nodes] + [
+            str(node.args[0]) for node in nodes if str(node.target).startswith("auto_functionalized")]
+
+
+def test_compiles_whole_with_one_collective_each_way(group_of_one):
+    """torch.compile(fullgraph=True): no graph break; the forward graph holds one all_gather per layer, the
+    backward one all_reduce per layer; steps equal eager's, running statistics included."""
+    torch._dynamo.reset()
+    model = SyncBlock()
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    explanation = torch._dynamo.explain(copy.deepcopy(model))(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    forward_graphs, backward_graphs = GraphRecorder(), GraphRecorder()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=forward_graphs, bw_compiler=backward_graphs),
+                             fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+        dy = torch.randn_like(x)
+        got = [compiled(x.requires_grad_()), None]
+        (got[1],) = torch.autograd.grad(got[0], x, dy)
+        want = [eager(x), None]
+        (want[1],) = torch.autograd.grad(want[0], x, dy)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(model.state_dict(), eager.state_dict())
+    forward_targets, backward_targets = forward_graphs.targets(), backward_graphs.targets()
+    assert sum("all_gather_into_tensor" in t for t in forward_targets) == 2
+    assert sum("all_reduce" in t for t in backward_targets) == 2
+    assert not any("all_reduce" in t for t in forward_targets)
+    assert not any("all_gather" in t for t in backward_targets)
+    if tritonbn.uses_kernels(x):  # the kernels' pieces as custom ops (the triton ops on a GPU)
+        assert any("tritonbn.sync_normalize" in t for t in forward_targets)
+        assert any("tritonbn.sync_input_grad" in t for t in backward_targets)
 
 
 def test_without_process_group_it_is_batch_norm_act():
@@ -174,55 +266,6 @@ def test_convert_sync_batchnorm_keeps_state():
     assert type(converted[2]) is torch.nn.BatchNorm2d  # plain batch norms are left to nn.SyncBatchNorm
     single = tritonbn.convert_sync_batchnorm(tritonbn.BatchNormAct3d(2, momentum=None))
     assert type(single) is tritonbn.SyncBatchNormAct and single.momentum is None
-
-
-def run_rejected_calls(rank, world_size, init_file, results_dir):
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        layer = tritonbn.SyncBatchNormAct(3, momentum=None, dtype=torch.float64)
-        x = torch.randn(2, 3, 4, dtype=torch.float64)
-        calls = {
-            "channels": lambda: layer(torch.randn(2, 4, 4, dtype=torch.float64)),
-            "dtype": lambda: layer(torch.ones(2, 3, 4, dtype=torch.long)),
-            "residual": lambda: layer(x, torch.randn(2, 3, 1, dtype=torch.float64)),
-            # One sample on rank 0, none on rank 1: one value per channel over the whole group.
-            "one value": lambda: layer(torch.randn(1 - rank, 3, dtype=torch.float64)),
-        }
-        results = {}
-        for name, call in calls.items():
-            before = {key: value.clone() for key, value in layer.state_dict().items()}
-            try:
-                call()
-                error = None
-            except Exception as caught:  # noqa: BLE001 -- the test records which error each rank raised
-                error = type(caught).__name__
-            results[name] = (error, all(torch.equal(before[k], v) for k, v in layer.state_dict().items()))
-        # The first accepted batch with momentum=None takes the group's statistics whole.
-        local = torch.randn(2 + rank, 3, 5, dtype=torch.float64) * 2 + 1
-        layer(local)
-        results["accepted"] = (local, layer.state_dict())
-        torch.save(results, os.path.join(results_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_rejected_calls_change_nothing_on_any_rank():
-    with tempfile.TemporaryDirectory() as results_dir:
-        init_file = os.path.join(results_dir, "init")
-        mp.spawn(run_rejected_calls, args=(2, init_file, results_dir), nprocs=2)
-        ranks = [torch.load(os.path.join(results_dir, f"rank{r}.pt")) for r in range(2)]
-    expected_errors = {"channels": "ChannelMismatchError", "dtype": "InputDtypeError",
-                       "residual": "ChannelMismatchError", "one value": "ValueError"}
-    batch = torch.cat([results["accepted"][0] for results in ranks])
-    for results in ranks:
-        for name, error in expected_errors.items():
-            assert results[name] == (error, True), name
-        state = results["accepted"][1]
-        assert int(state["num_batches_tracked"]) == 1
-        torch.testing.assert_close(state["running_mean"], batch.mean((0, 2)))
-        torch.testing.assert_close(state["running_var"], batch.transpose(0, 1).reshape(3, -1).var(1))
 
 
 def test_without_bias():
