@@ -22,19 +22,18 @@ import triton.language as tl
 
 from .activations import IDENTITY, activation_backward
 from .configs import choose
-from .launch import Launcher, current_stream, direct_stream, launch_all
+from .launch import Launcher, call_state, launch_all, stream_free_counters
 from .plan import (
     LAYOUT_NAMES,
     Tiling,
-    counters,
     dense_vectors,
+    float_args,
     kernel_strides,
     layout_family,
     ncs_strides,
     needs_int64,
     operand_layout,
     output_layout,
-    split_float,
 )
 from .tiles import (
     APPLY,
@@ -259,6 +258,7 @@ class BackwardPlan:
         shape, N, C, S = forward.shape, forward.N, forward.C, forward.S
         identity = forward.activation_id == IDENTITY.value
         self.forward = forward
+        self.device, self.index = forward.device, forward.index
         dy_ncs, self.copy_dy = operand_layout(shape, dy.stride())
         self.dx_stride = output_layout(shape, forward.out_stride)[0]
         # The residual is only read to recompute z, which the identity does not need.
@@ -277,8 +277,6 @@ class BackwardPlan:
         self.dresidual_is_dy = need_residual and identity
         need_dz = need_residual and not identity
         self.need_input, self.need_weight, self.need_bias, self.need_dz = need_input, need_weight, need_bias, need_dz
-        self.weight_dtype = None if weight is None else weight.dtype
-        self.bias_dtype = None if bias is None else bias.dtype
         self.workspace_numel = 2 * C + 2 * tiling.num_splits * C  # totals, then the partials
         self.stats_dtype = forward.stats_dtype
         # The sums pass runs where the weight or bias gradient, or a training input gradient, needs the sums.
@@ -301,6 +299,7 @@ class BackwardPlan:
                 *strides[3], *strides[3], *(1 if step is None else step for step in forward.vector_strides))
         tile = tiling.constexprs(needs_int64(shape, all_ncs), forward.compute)
         stats = (GIVEN if forward.training else RUNNING).value
+        self.idle_counters = stream_free_counters(self)
         self.direct_ready = False  # every launcher compiled, so a call may pass addresses (launch.launch_all)
         self.launches = []
         for phase, sums_from, (store_dz, load_dz, store_dx) in phases:
@@ -322,29 +321,36 @@ class BackwardPlan:
             weight, bias, running_mean, running_var = dense_vectors(forward.vector_strides, weight, bias,
                                                                     running_mean, running_var)
         device, shape = forward.device, forward.shape
-        dx = torch.empty_strided(shape, self.dx_stride, dtype=x.dtype, device=device) if self.need_input else None
+        # empty_like where it gives the layout and dtype wanted (x saved as the forward took it, dense per-channel
+        # gradients in their parameters' shapes): the same tensors, without parsing them.
+        dx = None
+        if self.need_input:
+            dx = torch.empty_like(x) if not forward.copy_input else torch.empty_strided(shape, self.dx_stride,
+                                                                                         dtype=x.dtype, device=device)
         dz = torch.empty_strided(shape, self.dx_stride, dtype=self.dz_dtype, device=device) if self.need_dz else None
-        dweight = torch.empty(forward.C, dtype=self.weight_dtype, device=device) if self.need_weight else None
-        dbias = torch.empty(forward.C, dtype=self.bias_dtype, device=device) if self.need_bias else None
+        dweight = torch.empty_like(weight, memory_format=torch.contiguous_format) if self.need_weight else None
+        dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if self.need_bias else None
         dresidual = dy if self.dresidual_is_dy else dz
         if forward.empty:
             for grad in (dweight, dbias):
                 if grad is not None:
                     grad.zero_()
             return dx, dweight, dbias, dresidual
-        sums = torch.empty(self.workspace_numel, dtype=self.stats_dtype, device=device) if self.uses_sums else x
+        sums = x
+        if self.uses_sums:  # the forward's workspace (training) has the dtype: its new_empty parses none
+            sums = stats.new_empty(self.workspace_numel) if stats is not None else torch.empty(
+                self.workspace_numel, dtype=self.stats_dtype, device=device)
         if launch is None:
-            stream = current_stream(forward.index)
-            direct = direct_stream(stream, (dy, x, residual, weight, bias, running_mean, running_var))
-            count = counters(device, stream, self.counter_slots) if self.counter_slots else x
+            direct, count = call_state(self, (dy, x, residual, weight, bias, running_mean, running_var))
         else:
-            count = torch.zeros(self.counter_slots, dtype=torch.int32, device=device) if self.counter_slots else x
+            direct = None
+            count = torch.zeros(self.counter_slots, dtype=torch.int32, device=device) if self.counter_slots else None
         tensors = (dy, x, x if residual is None else residual, x if stats is None else stats,
                    x if weight is None else weight, x if bias is None else bias,
                    x if running_mean is None else running_mean, x if running_var is None else running_var, sums,
-                   count, x if dz is None else dz, x if dx is None else dx,
+                   x if count is None else count, x if dz is None else dz, x if dx is None else dx,
                    x if dweight is None else dweight, x if dbias is None else dbias)
-        floats = (*split_float(eps), *split_float(negative_slope))
+        floats = float_args(eps, negative_slope)
         if launch is None:
             launch_all(self, direct, tensors, floats)
         else:

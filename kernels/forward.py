@@ -27,14 +27,14 @@ from ..reference import output_dtype
 from .activations import IDENTITY, activation_forward
 from .backward import BackwardPlan
 from .configs import choose
-from .launch import Launcher, current_stream, direct_stream, launch_all
+from .launch import Launcher, call_state, launch_all, stream_free_counters
 from .plan import (
     LAYOUT_NAMES,
     Tiling,
     compute_dtype,
-    counters,
     dense_vectors,
     device_index,
+    float_args,
     kernel_strides,
     layout_family,
     ncs_strides,
@@ -42,7 +42,6 @@ from .plan import (
     operand_layout,
     output_layout,
     spatial_size,
-    split_float,
     stats_dtype,
     vector_stride,
 )
@@ -390,6 +389,7 @@ class ForwardPlan:
         self.vector_strides = tuple(map(vector_stride, (weight, bias, running_mean, running_var)))
         # Rare, so one flag keeps them off the common path: x, the residual or a per-channel tensor copied.
         self.copies = self.copy_input or self.copy_residual or None in self.vector_strides
+        self.y_like_x = not self.copy_input and self.out_dtype == x.dtype  # output_layout is empty_like's layout
         self.activation_id = activation_id
         self.needs_residual = residual is not None and activation_id != IDENTITY.value  # to rebuild z in backward
         self.cooperative = cooperative
@@ -418,6 +418,7 @@ class ForwardPlan:
         # Slot 0: the grid barrier; 1 + b: channel block b's ticket; 1 + blocks: the batch count's (tiles.py).
         tickets = variant in ("ticket", "persistent")
         self.counter_slots = tiling.channel_blocks + 1 + self.count_batches if tickets or self.count_batches else 0
+        self.idle_counters = stream_free_counters(self)
         self.direct_ready = False  # every launcher compiled, so a call may pass addresses (launch.launch_all)
         self.launches = [
             (Launcher(forward_kernel, tiling.grid, tiling.num_warps, cooperative=phase == PERSISTENT),
@@ -435,23 +436,24 @@ class ForwardPlan:
             x, residual, weight, bias, running_mean, running_var, written = self._copied(
                 x, residual, weight, bias, running_mean, running_var)
         device = self.device
-        y = torch.empty_strided(self.shape, self.out_stride, dtype=self.out_dtype, device=device)
+        # empty_like(x) where it gives the output's layout and dtype: the same tensor, without parsing them.
+        y = torch.empty_like(x) if self.y_like_x else torch.empty_strided(self.shape, self.out_stride,
+                                                                            dtype=self.out_dtype, device=device)
         workspace = torch.empty(self.workspace_numel, dtype=self.stats_dtype, device=device) if self.training else None
         if self.empty:
             if self.count_batches:
                 batches.add_(1)
             return y, workspace
         if launch is None:
-            stream = current_stream(self.index)
-            direct = direct_stream(stream, (x, residual, weight, bias, running_mean, running_var))
-            count = counters(device, stream, self.counter_slots) if self.counter_slots else x
+            direct, count = call_state(self, (x, residual, weight, bias, running_mean, running_var))
         else:
-            count = torch.zeros(self.counter_slots, dtype=torch.int32, device=device) if self.counter_slots else x
-        tensors = (x, y, x if residual is None else residual, x if workspace is None else workspace, count,
-                   x if weight is None else weight, x if bias is None else bias,
+            direct = None
+            count = torch.zeros(self.counter_slots, dtype=torch.int32, device=device) if self.counter_slots else None
+        tensors = (x, y, x if residual is None else residual, x if workspace is None else workspace,
+                   x if count is None else count, x if weight is None else weight, x if bias is None else bias,
                    x if running_mean is None else running_mean, x if running_var is None else running_var,
                    x if batches is None else batches)
-        floats = (*split_float(eps), *split_float(momentum or 0.0), *split_float(negative_slope))
+        floats = float_args(eps, momentum or 0.0, negative_slope)
         if launch is None:
             launch_all(self, direct, tensors, floats)
         else:

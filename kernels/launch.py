@@ -17,8 +17,12 @@ call for all its launches (``direct_stream``). Once every launcher of a plan is 
 its tensors' device addresses rather than the tensors (``addresses``, ``launch_all``).
 """
 
+import functools
+
 import torch
 import triton
+
+from .plan import counters
 
 _ALIGNMENT = 16  # Triton compiles separate variants for pointers divisible by 16 and for the others
 _DATA_PTR = torch.Tensor.data_ptr
@@ -57,13 +61,24 @@ def addresses(tensors) -> tuple:
 def launch_all(plan, direct, tensors, floats) -> None:
     """Every (launcher, integer arguments) of ``plan.launches``, on stream ``direct`` (see ``direct_stream``) with
     the pointer arguments ``tensors`` and the float scalars ``floats``; once every launcher of the plan is compiled
-    (``plan.direct_ready``), with the tensors' addresses in their place (see ``addresses``)."""
-    if direct is not None and plan.direct_ready:
-        tensors = addresses(tensors)
+    (``plan.direct_ready``), with the tensors' addresses in their place (see ``addresses``), straight to the
+    compiled kernels' launchers (``plan.direct_launches``: each launch's handles, gathered once). Without a stream
+    the launches are Triton's ordinary ones, made here without the Launcher's own frame."""
+    if direct is None:
+        for launcher, tail in plan.launches:
+            launcher.ordinary(*tensors, *floats, *tail)
+        return
+    if plan.direct_ready:
+        args = addresses(tensors) + floats
+        for run, g0, g1, g2, function, metadata, tail in plan.direct_launches:
+            run(g0, g1, g2, direct, function, metadata, None, None, None, *args, *tail)
+        return
     for launcher, tail in plan.launches:
         launcher(direct, *tensors, *floats, *tail)
-    if direct is not None and not plan.direct_ready:
-        plan.direct_ready = all(launcher.is_direct for launcher, _ in plan.launches)
+    if all(launcher.is_direct for launcher, _ in plan.launches):
+        plan.direct_launches = [(*launcher.direct_parts[:1], *launcher.grid, *launcher.direct_parts[1:], tail)
+                                for launcher, tail in plan.launches]
+        plan.direct_ready = True
 
 
 def direct_stream(stream, tensors):
@@ -85,38 +100,61 @@ class Launcher:
     ordinary launch. Arguments other than tensors and float scalars must be those the plan fixed.
     """
 
-    __slots__ = ("kernel", "grid", "options", "_launch", "_direct")
+    __slots__ = ("kernel", "grid", "options", "ordinary", "direct_parts")
 
     def __init__(self, kernel, grid, num_warps, cooperative=False):
         self.kernel = kernel
         self.grid = (grid + (1, 1))[:3]
         # cooperative: every program resident at once (a grid-wide barrier waits for all of them)
         self.options = {"num_warps": num_warps, **({"launch_cooperative_grid": True} if cooperative else {})}
-        self._launch = kernel[self.grid]  # Triton's launch for this grid, made once
-        self._direct = None  # (run, function, packed_metadata) once compiled and launched directly
+        # Triton's ordinary launch for this grid and these options, made once: ``kernel.run``, which
+        # ``kernel[grid](...)`` reaches through one more Python frame
+        self.ordinary = functools.partial(kernel.run, grid=self.grid, warmup=False, **self.options)
+        self.direct_parts = None  # (run, function, packed_metadata) once compiled and launched directly
 
     @property
     def is_direct(self) -> bool:
         """Whether calls with a stream launch the compiled kernel directly (it was compiled and has the handles)."""
-        return self._direct is not None
+        return self.direct_parts is not None
 
     def __call__(self, stream, *args):
-        direct = self._direct
+        direct = self.direct_parts
         if direct is not None and stream is not None:
             run, function, metadata = direct
             g0, g1, g2 = self.grid
             run(g0, g1, g2, stream, function, metadata, None, None, None, *args)
             return
-        compiled = self._launch(*args, **self.options)
+        compiled = self.ordinary(*args)
         if direct is None and stream is not None and compiled is not None:
-            self._direct = direct_launch_parts(compiled)
+            self.direct_parts = direct_launch_parts(compiled)
 
 
-def _raw_stream(index: int) -> int:
-    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's own launcher calls
-    return get_raw(index) if get_raw is not None else torch.cuda.current_stream(index).cuda_stream
+def _current_stream_object(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+# What Triton's own launcher calls for the current stream's raw handle; the public way where this PyTorch lacks it.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _current_stream_object)
 
 
 def current_stream(device_index):
     """The raw handle of device ``device_index``'s current CUDA stream, or None off CUDA."""
     return None if device_index is None else _raw_stream(device_index)
+
+
+def stream_free_counters(plan):
+    """The counters a plan's interpreted launches use (no streams there), or None: what ``call_state`` returns."""
+    return counters(plan.device, None, plan.counter_slots) if plan.index is None and plan.counter_slots else None
+
+
+def call_state(plan, tensors):
+    """(stream, counters) of one call of ``plan``: the stream to launch straight to the compiled kernels on, or
+    None (off CUDA, or where ``direct_stream`` finds a reason among the caller's ``tensors``), and the ticket
+    counters of the stream the call runs on, or None where the plan needs none. One call where a plan would make
+    three, as the plan makes it on every call. Interpreted (a CPU), the counters are ``plan.idle_counters``, found
+    once (``stream_free_counters``)."""
+    if plan.index is None:  # interpreted: no streams, so the plan's one set of counters
+        return None, plan.idle_counters
+    stream = _raw_stream(plan.index)
+    slots = plan.counter_slots
+    return direct_stream(stream, tensors), (counters(plan.device, stream, slots) if slots else None)

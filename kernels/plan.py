@@ -227,6 +227,13 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=256)
+def float_args(*values: float) -> tuple[float, ...]:
+    """``values`` as the kernels take them, each a float32 head and tail (``split_float``): one cached look-up for
+    all of a call's floats."""
+    return tuple(part for value in values for part in split_float(value))
+
+
+@functools.lru_cache(maxsize=256)
 def split_float(value: float) -> tuple[float, float]:
     """A float as a float32 head plus the rest: Triton passes Python floats as float32, so float64
     kernels rebuild the value from both (to about 48 bits)."""

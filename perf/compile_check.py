@@ -59,24 +59,26 @@ def gpu_target(arch: int, multiprocessors: int):
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
-    from tritonbn.kernels import configs, launch, plan
+    from tritonbn.kernels import backward, configs, forward, plan
 
     compiled = []
 
-    def warmup(self, stream, *args):
-        compiled.append(self.kernel.warmup(*args, grid=self.grid, **self.options))
+    def warmup_all(kernel_plan, direct, tensors, floats):  # what launch_all would launch, compiled instead
+        for launcher, tail in kernel_plan.launches:
+            compiled.append(launcher.kernel.warmup(*tensors, *floats, *tail, grid=launcher.grid, **launcher.options))
 
-    saved = plan.multiprocessors, launch.Launcher.__call__
+    saved = plan.multiprocessors, forward.launch_all
     previous = driver._active  # None until a driver was first asked for; there may be none to create here
     driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
     plan.multiprocessors = lambda device: multiprocessors
-    launch.Launcher.__call__ = warmup
+    forward.launch_all = backward.launch_all = warmup_all
     plans.clear()
     try:
         with configs.as_gpu():  # the heuristic's GPU tiles, not the interpreter's, where no configuration is given
             yield compiled
     finally:
-        plan.multiprocessors, launch.Launcher.__call__ = saved
+        plan.multiprocessors, forward.launch_all = saved
+        backward.launch_all = saved[1]
         driver.set_active(previous)
         plans.clear()
 

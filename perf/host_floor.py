@@ -96,36 +96,37 @@ def _calls(device: torch.device) -> dict:
         return lambda: torch.autograd.grad(forward(), inputs, output_grad)
 
     fused_with_backward = with_backward(fused, (x, weight, bias), grad)
-    launches = _recorded_launches(fused_with_backward)
-    forward_launches = launches[:len(plan.launches)]
+    launch_sets = _recorded_launches(fused_with_backward)  # the forward's, then the backward's
 
     def launch(recorded):
+        from tritonbn.kernels.launch import launch_all
+
         def run():
-            for launcher, args in recorded:
-                launcher(*args)
+            for args in recorded:
+                launch_all(*args)
         return run
 
     return {"eager BN + ReLU": (eager, with_backward(eager, (eager_x, weight, bias), eager_grad)),
             "autograd.Function floor": (floor, with_backward(floor, (x, weight, bias), grad)),
             "tritonbn": (fused, fused_with_backward),
-            "  of which its launches": (launch(forward_launches), launch(launches))}
+            "  of which its launches": (launch(launch_sets[:1]), launch(launch_sets))}
 
 
 def _recorded_launches(call) -> list:
-    """(launcher, arguments) of every launch of one ``call``, in order, to replay them alone."""
-    from tritonbn.kernels.launch import Launcher
+    """The arguments of every ``launch_all`` of one ``call`` (a plan's launches), in order, to replay them alone."""
+    from tritonbn.kernels import backward, forward
 
-    recorded, launch = [], Launcher.__call__
+    recorded, launch_all = [], forward.launch_all
 
-    def record(self, *args):
-        recorded.append((self, args))
-        return launch(self, *args)
+    def record(*args):
+        recorded.append(args)
+        return launch_all(*args)
 
-    Launcher.__call__ = record
+    forward.launch_all = backward.launch_all = record
     try:
         call()
     finally:
-        Launcher.__call__ = launch
+        forward.launch_all = backward.launch_all = launch_all
     return recorded
 
 

@@ -24,11 +24,6 @@ _jit_tracing = torch._C._is_tracing
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
-def _composite_only() -> bool:
-    """Whether a transform is active that needs the op made of PyTorch ops (see the module docstring)."""
-    return _functorch_transforms_active() or forward_ad._current_level >= 0 or _jit_tracing()
-
-
 @_constant_under_compile
 def recomputing() -> bool:
     """Whether this forward runs again inside a backward pass: activation checkpointing
@@ -55,7 +50,8 @@ def prepare(input, running_mean, running_var, weight, bias, residual, training, 
         raise
     if not eps > 0.0:
         check_eps(eps, training)
-    if torch.compiler.is_compiling() or _composite_only():
+    if torch.compiler.is_compiling() or _functorch_transforms_active() or forward_ad._current_level >= 0 or \
+            _jit_tracing():  # torch.compile's custom ops, or a transform that needs PyTorch ops
         plan = None
     else:
         plan = plans.PLANS.get(key)
@@ -144,7 +140,9 @@ class BatchNormActFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         x, weight, bias, residual = saved[:4]
         running_mean, running_var = saved[4:] if ctx.stats is None else (None, None)
-        plan = ctx.plan.backward_plan(grad_output, weight, bias, residual, ctx.needs_input_grad)
+        forward, needs = ctx.plan, ctx.needs_input_grad
+        plan = forward.backward_plans.get((grad_output.stride(), grad_output.dtype, needs)) or \
+            forward.backward_plan(grad_output, weight, bias, residual, needs)
         grads = plan(grad_output, x, ctx.stats, weight, bias, residual, running_mean, running_var, ctx.eps,
                      ctx.negative_slope)
         return (*grads, None)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from _helpers import TORCH_ACTIVATIONS
+from functorch.compile import make_boxed_compiler
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -104,6 +105,7 @@ def test_group_of_one_matches_batch_norm(group_of_one, case):
         assert error <= 2 * (one_process.double() - wanted).abs().max() + 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
 def test_group_of_one_keeps_nan_and_inf(group_of_one):
     """A NaN or an inf in a channel reaches that channel's output and statistics, as in PyTorch's batch norm."""
     x = torch.randn(6, 3, 4, dtype=torch.float64)
@@ -117,6 +119,7 @@ def test_group_of_one_keeps_nan_and_inf(group_of_one):
     torch.testing.assert_close(running, want_running, equal_nan=True)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
 def test_group_of_one_value_per_channel(group_of_one):
     """No rank can know on the host that the group holds one value per channel: nothing raises, the variance is
     0 and the unbiased running variance 0 / 0, as nn.SyncBatchNorm's in a group; an empty group changes
@@ -222,7 +225,8 @@ def test_compiles_whole_with_one_collective_each_way(group_of_one):
     explanation = torch._dynamo.explain(copy.deepcopy(model))(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     forward_graphs, backward_graphs = GraphRecorder(), GraphRecorder()
-    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=forward_graphs, bw_compiler=backward_graphs),
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=make_boxed_compiler(forward_graphs),
+                                                         bw_compiler=make_boxed_compiler(backward_graphs)),
                              fullgraph=True)
     for _ in range(2):
         x = torch.randn(4, 3, 5, 5, dtype=torch.float64)

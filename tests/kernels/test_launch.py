@@ -1,6 +1,8 @@
 """The launcher: direct launches of a compiled kernel where Triton's internals allow, the ordinary launch
 everywhere else. A fake compiled kernel stands in for CUDA, so both paths are tested on any machine."""
 
+import functools
+
 import torch
 
 from tritonbn.kernels import launch
@@ -21,18 +23,17 @@ class FakeCompiled:
 
 
 class FakeKernel:
-    """A jit function: ``kernel[grid](*args, num_warps=...)`` launches the ordinary way."""
+    """A jit function: ``kernel.run(*args, grid=..., warmup=False, num_warps=...)`` launches the ordinary way (what
+    ``kernel[grid](*args, num_warps=...)`` calls)."""
 
     def __init__(self, compiled):
         self.compiled = compiled
         self.ordinary = []
 
-    def __getitem__(self, grid):
-        def launch(*args, num_warps, **options):
-            self.ordinary.append((grid, args, num_warps, options))
-            return self.compiled
-
-        return launch
+    def run(self, *args, grid, warmup, num_warps, **options):
+        assert not warmup
+        self.ordinary.append((grid, args, num_warps, options))
+        return self.compiled
 
 
 def test_first_call_compiles_then_launches_directly():
@@ -109,7 +110,7 @@ def test_a_plan_passes_addresses_once_every_launcher_is_compiled(monkeypatch):
     """On the direct path the pointer arguments reach the compiled kernels as the tensors' addresses (from a
     tensor Triton's launcher would call data_ptr and the driver for each); the compiling launch gets tensors."""
     from tritonbn.activations import KERNEL_IDS
-    from tritonbn.kernels import ForwardPlan, forward
+    from tritonbn.kernels import ForwardPlan
 
     x = torch.randn(6, 3, 4)
     plan = ForwardPlan(x, None, None, None, None, None, True, KERNEL_IDS["identity"])
@@ -117,9 +118,10 @@ def test_a_plan_passes_addresses_once_every_launcher_is_compiled(monkeypatch):
     for launcher, _ in plan.launches:
         compiled = FakeCompiled()
         kernel = FakeKernel(compiled)
-        launcher._launch = kernel[launcher.grid]
+        launcher.ordinary = functools.partial(kernel.run, grid=launcher.grid, warmup=False, **launcher.options)
         fakes.append((kernel, compiled))
-    monkeypatch.setattr(forward, "current_stream", lambda index: 1234)
+    plan.index = 0  # as on CUDA device 0, whose current stream is 1234
+    monkeypatch.setattr(launch, "_raw_stream", lambda index: 1234)
     monkeypatch.setattr(launch, "_launch_hooks_set", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # the counters ask
     outputs = [plan(x, None, None, None, None, None, 0.1, 1e-5, 0.01)[0] for _ in range(3)]
