@@ -61,11 +61,16 @@ def update_running_stats(running_mean, running_var, mean, m2, count, momentum, b
 
 
 def statistics(input, running_mean, running_var, training) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 1: per-channel (mean, biased variance), of the batch in training, else the running estimates."""
+    """Step 1: per-channel (mean, biased variance), of the batch in training, else the running estimates.
+
+    Two passes, the mean and then the mean square of the deviations from it: exact to a few roundings however
+    large the mean is against the spread, and an inf in the batch gives the mean inf (and the variance NaN), as
+    PyTorch's batch norm does (``torch.var_mean`` gives both NaN, and loses digits to a large mean)."""
     dtype = compute_dtype(input)
     if training:
-        var, mean = torch.var_mean(input.to(dtype), dim=_reduce_dims(input), correction=0)
-        return mean, var
+        x, dims = input.to(dtype), _reduce_dims(input)
+        mean = x.mean(dims, keepdim=True)
+        return mean.flatten(), (x - mean).square().mean(dims)
     return running_mean.to(dtype), running_var.to(dtype)
 
 

@@ -84,9 +84,12 @@ def draw_case(rng: random.Random) -> Case:
                                       rng.choice([s for s in (1, 2, 4) if s <= block_r]),
                                       addressing=rng.choice(("native", "native", "strided")))
     poison = rng.choice((float("nan"), float("inf"), -float("inf"))) if rng.random() < 0.1 else None
+    activation = rng.choice(ACTIVATIONS)
+    if poison is not None and activation == "gelu":
+        activation = "silu"  # PyTorch's own float32 CPU gelu(inf) is NaN, its float64 one inf: not a fair reference
     grads = tuple(rng.random() < 0.7 for _ in range(3))
     module = momentum is None or (vectors["running"] is not None and rng.random() < 0.3)
-    return Case(shape, dtype, param_dtype, layouts, vectors, rng.choice(ACTIVATIONS), training, momentum, module,
+    return Case(shape, dtype, param_dtype, layouts, vectors, activation, training, momentum, module,
                 rng.randrange(4), config, poison, grads)
 
 
