@@ -59,7 +59,7 @@ def gpu_target(arch: int, multiprocessors: int):
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
-    from tritonbn.kernels import backward, configs, forward, plan
+    from tritonbn.kernels import backward, configs, forward, grouped, plan
 
     compiled = []
 
@@ -71,14 +71,14 @@ def gpu_target(arch: int, multiprocessors: int):
     previous = driver._active  # None until a driver was first asked for; there may be none to create here
     driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
     plan.multiprocessors = lambda device: multiprocessors
-    forward.launch_all = backward.launch_all = warmup_all
+    forward.launch_all = backward.launch_all = grouped.launch_all = warmup_all
     plans.clear()
     try:
         with configs.as_gpu():  # the heuristic's GPU tiles, not the interpreter's, where no configuration is given
             yield compiled
     finally:
         plan.multiprocessors, forward.launch_all = saved
-        backward.launch_all = saved[1]
+        backward.launch_all = grouped.launch_all = saved[1]
         driver.set_active(previous)
         plans.clear()
 
@@ -104,6 +104,12 @@ def _run_plans(shape, dtype, fmt, activation, config, residual, needs_sets):
     running_mean, running_var = torch.zeros(shape[1], dtype=param), torch.ones(shape[1], dtype=param)
     r = _tensor(shape, dtype, fmt) if residual else None
     with configs.override(config) if config is not None else contextlib.nullcontext():
+        if config is not None:  # a module's training call: the kernels count its batch (momentum and None)
+            batches = torch.zeros((), dtype=torch.int64)
+            for counting, momentum in ((1, 0.1), (2, None)):
+                ForwardPlan(x, weight, bias, r, running_mean, running_var, True, KERNEL_IDS[activation],
+                            counting=counting)(x, weight, bias, r, running_mean, running_var, momentum, 1e-5, 0.01,
+                                               batches)
         for training in (True, False):
             plan = ForwardPlan(x, weight, bias, r, running_mean, running_var, training, KERNEL_IDS[activation])
             _, workspace = plan(x, weight, bias, r, running_mean, running_var, 0.1, 1e-5, 0.01)
@@ -113,6 +119,26 @@ def _run_plans(shape, dtype, fmt, activation, config, residual, needs_sets):
                 stats = workspace[: 2 * shape[1]] if training else None
                 plan.backward_plan(x, weight, bias, r, needs)(x, x, stats, weight, bias, r, running_mean,
                                                                running_var, 1e-5, 0.01)
+    if config is None:
+        _run_sync_pieces(x, weight, bias, r, running_mean, running_var, activation, needs_sets)
+
+
+def _run_sync_pieces(x, weight, bias, residual, running_mean, running_var, activation, needs_sets):
+    """SyncBatchNormAct's kernel pieces (kernels/grouped.py) for a group of two: this rank's moments, the
+    normalisation from the gathered ones (momentum and momentum=None), the gradient sums and the input gradient."""
+    from tritonbn.kernels import grouped
+
+    gathered = grouped.local_moments(x).repeat(2)  # two ranks' moments, as all_gather lays them out
+    for momentum in (0.1, torch.ones((), dtype=torch.int64)):
+        grouped.normalize(x, gathered, weight, bias, residual, running_mean, running_var, momentum, 1e-5, activation,
+                          0.01)
+    for needs in needs_sets:
+        if needs[3] and residual is None:
+            continue
+        sums, _, _, dresidual = grouped.grad_sums(x, x, gathered, weight, bias, residual, 1e-5, activation, 0.01, needs)
+        if needs[0]:
+            grouped.input_grad(x, x, gathered, weight, bias, residual, dresidual, sums, 1e-5, activation, 0.01,
+                               needs)
 
 
 def _runs(dtypes, formats, multiprocessors):
