@@ -32,7 +32,7 @@ def recomputing() -> bool:
     once and run by every later call, so an answer taken as a constant there (a graph traced inside a
     reentrant checkpoint's backward) would leave every later training step without its update. torch.compile
     handles checkpointing within its own graphs; a compiled module checkpointed from outside recomputes with
-    its graph, which updates again, as nn.BatchNorm does. False too on a PyTorch without the engine's
+    its graph, which may update again, as nn.BatchNorm does. False too on a PyTorch without the engine's
     graph-task query."""
     if torch.compiler.is_compiling():
         return False
