@@ -12,7 +12,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import ops, plans, reference
-from .backend import _constant_under_compile, _forced_reference, cpu_reference, device_uses_kernels, uses_kernels
+from .backend import _forced_reference, cpu_reference, device_uses_kernels, uses_kernels
 from .validation import check_activation, check_batch_norm_args, check_eps, check_tensor_types
 
 __all__ = ["BatchNormActFunction", "batch_norm_act", "cpu_reference", "prepare", "recomputing", "run"]
@@ -24,13 +24,18 @@ _jit_tracing = torch._C._is_tracing
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
-@_constant_under_compile
 def recomputing() -> bool:
     """Whether this forward runs again inside a backward pass: activation checkpointing
     (``torch.utils.checkpoint``, reentrant or not) recomputes a checkpointed forward while autograd's engine
     runs the backward. Such a forward must not update the running statistics a second time
-    (pytorch/pytorch#96136). False while torch.compile traces (the answer is taken as a constant there: it
-    handles checkpointing in its own graphs) and on a PyTorch without the engine's graph-task query."""
+    (pytorch/pytorch#96136). False while torch.compile traces, whatever the engine is doing: a graph is traced
+    once and run by every later call, so an answer taken as a constant there (a graph traced inside a
+    reentrant checkpoint's backward) would leave every later training step without its update. torch.compile
+    handles checkpointing within its own graphs; a compiled module checkpointed from outside recomputes with
+    its graph, which may update again, as nn.BatchNorm does. False too on a PyTorch without the engine's
+    graph-task query."""
+    if torch.compiler.is_compiling():
+        return False
     return _graph_task_id is not None and _graph_task_id() != -1
 
 

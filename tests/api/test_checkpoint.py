@@ -67,3 +67,22 @@ def test_forward_outside_backward_is_no_recomputation(device):
     x.register_hook(lambda grad: seen.append(tritonbn.functional.recomputing()))
     (x * 2).sum().backward()
     assert seen == [True]  # inside a backward: what a checkpoint's recomputation sees too
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_compiled_module_under_checkpoint_then_plain_steps_update(device, use_reentrant):
+    """A compiled module checkpointed from outside: reentrant checkpointing recomputes with gradients on, so
+    Dynamo traces the module anew inside backward, where a forward is a recomputation. That answer must not be
+    baked into the graph, which every later training forward with gradients on reuses: a plain step after it
+    updates the running statistics and counts its batch, as nn.BatchNorm's does."""
+    torch._dynamo.reset()
+    module = tritonbn.BatchNormAct2d(3, momentum=None).double().to(device)
+    compiled = torch.compile(module, backend="eager")
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
+    checkpoint(compiled, x, use_reentrant=use_reentrant).sum().backward()
+    for step in range(2):
+        batches, running_mean = int(module.num_batches_tracked), module.running_mean.clone()
+        compiled(x * (step + 2) + 1).sum().backward()
+        assert int(module.num_batches_tracked) == batches + 1, f"plain step {step}: batch not counted"
+        assert not torch.equal(module.running_mean, running_mean), f"plain step {step}: running_mean not updated"
+    torch._dynamo.reset()

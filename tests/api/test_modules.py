@@ -295,3 +295,24 @@ def test_gradcheck_module_with_residual(device):
     x = random_input((5, 4), torch.float64, device)[0].requires_grad_()
     residual = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(module, (x, residual), fast_mode=True)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_empty_batch_is_counted_and_keeps_running_statistics(device, momentum):
+    """A training call on an empty batch counts it in num_batches_tracked (so momentum=None's next factor is
+    1 / 3, not 1 / 2) and leaves the running statistics, as nn.BatchNorm does; its gradients are as PyTorch's."""
+    fused = tritonbn.BatchNormAct2d(3, momentum=momentum, activation="identity").to(device)
+    plain = nn.BatchNorm2d(3, momentum=momentum).to(device)
+    for n in (4, 0, 5):
+        x = torch.randn(n, 3, 2, 2, device=device) * 2 + 1
+        grads = []
+        for module in (fused, plain):
+            module.zero_grad(set_to_none=True)
+            leaf = x.clone().requires_grad_()
+            y = module(leaf)
+            y.backward(torch.ones_like(y))
+            grads.append((y, leaf.grad, module.weight.grad, module.bias.grad))
+        torch.testing.assert_close(grads[0], grads[1])
+        assert int(fused.num_batches_tracked) == int(plain.num_batches_tracked) == {4: 1, 0: 2, 5: 3}[n]
+        torch.testing.assert_close(fused.running_mean, plain.running_mean)
+        torch.testing.assert_close(fused.running_var, plain.running_var)
