@@ -445,7 +445,7 @@ class ForwardPlan:
                 batches.add_(1)
             return y, workspace
         if launch is None:
-            direct, count = call_state(self, (x, residual, weight, bias, running_mean, running_var))
+            direct, count = call_state(self, (x, residual, weight, bias, running_mean, running_var, batches))
         else:
             direct = None
             count = torch.zeros(self.counter_slots, dtype=torch.int32, device=device) if self.counter_slots else None

@@ -58,9 +58,10 @@ def test_functional_call_under_checkpoint_updates_once(device):
     torch.testing.assert_close(running, expected)
 
 
-def test_forward_outside_backward_is_no_recomputation(device):
-    """A forward run by a backward hook is not a checkpoint's: only a forward inside the engine counts, and a
-    plain training forward always updates."""
+def test_a_forward_counts_as_recomputed_exactly_inside_a_backward(device):
+    """What recomputing() asks is whether autograd's engine is running a backward: a plain training forward is
+    not recomputed, and any forward inside a backward is, a backward hook's too (docs/api.md says so: such a
+    forward leaves the running statistics alone, as a checkpoint's recomputation does)."""
     assert not tritonbn.functional.recomputing()
     seen = []
     x = torch.randn(3, 2, requires_grad=True, device=device)
