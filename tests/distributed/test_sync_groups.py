@@ -194,8 +194,11 @@ def check_close(got, want, case, where):
     if case[4] == torch.float64:
         torch.testing.assert_close(got, want, msg=lambda message: f"{where}: {message}")
         return
-    # float32 at a large mean (want: one process's float32 op): the group's statistics merged as precisely.
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-3, msg=lambda message: f"{where}: {message}")
+    # float32 at a large mean (want: one process's float32 op): the group's statistics merged as precisely. Each
+    # side rounds the mean 1e4 to float32 (6e-4 apart at most), so xhat may differ by ~1e-3 a value, and the
+    # weight gradient adds a batch of such values times dz: 1e-2 absolute. (The merge's own precision is held to
+    # the single-process op's error in tests/api/test_sync.py.)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-2, msg=lambda message: f"{where}: {message}")
 
 
 def assert_ddp_matches(ranks, batch_sizes, seed):
