@@ -52,7 +52,8 @@ class _FloorFunction(torch.autograd.Function):
 @contextlib.contextmanager
 def launches_skipped(device: torch.device):
     """Within: on a CPU every interpreted launch is counted and skipped (``count["launches"]``); on CUDA nothing
-    changes. Triton's interpreter is restored on the way out."""
+    changes. Triton's interpreter is restored on the way out. A plan binds its kernels' launch when it is made, so
+    plans are made anew within, and forgotten on the way out."""
     count = {"launches": 0}
     if device.type != "cpu":
         yield count
@@ -64,10 +65,12 @@ def launches_skipped(device: torch.device):
 
     run = interpreter.InterpretedFunction.run
     interpreter.InterpretedFunction.run = skip
+    tritonbn.plans.clear()
     try:
         yield count
     finally:
         interpreter.InterpretedFunction.run = run
+        tritonbn.plans.clear()
 
 
 def _calls(device: torch.device) -> dict:

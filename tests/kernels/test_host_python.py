@@ -33,10 +33,14 @@ pytestmark = pytest.mark.skipif(not kernels_interpreted(), reason="counted where
 @pytest.fixture(autouse=True)
 def launches_skipped(monkeypatch):
     """The interpreter runs a launch's kernel as Python in tritonbn's own files: launches are skipped whole (as
-    ../shared/tools/hostcost.py skips them), so what is counted is the host's work around them."""
+    ../shared/tools/hostcost.py skips them), so what is counted is the host's work around them. A plan binds
+    its kernels' launch when it is made: plans are made anew inside, and forgotten after."""
     from triton.runtime import interpreter
 
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    tritonbn.plans.clear()
+    yield
+    tritonbn.plans.clear()
 
 
 def python_work(fn, roots=ROOTS) -> tuple[int, int, collections.Counter]:
