@@ -11,25 +11,12 @@
 # sync.txt, compile.txt and gpu_suite.log. Like perf/gpu_tune.sh it installs nothing: the working tree's
 # packages from a copy on PYTHONPATH, the tests from the checkout.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-ROOT=$(pwd)
-DEVICE=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+source "$(dirname "$0")/gpu_common.sh"
 OUT=${OUT:-$ROOT/perf/results/$DEVICE/suite}
 export TRITONBN_FUZZ_CASES=${FUZZ_CASES:-1000}
 mkdir -p "$OUT"
-PKG=$(mktemp -d)
-python3 - "$ROOT" "$PKG" <<'PY'
-import shutil, sys, tomllib
-root, pkg = sys.argv[1:]
-dirs = tomllib.load(open(f"{root}/pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]
-for name, src in sorted(dirs.items()):  # parents first
-    shutil.copytree(f"{root}/{src}", f"{pkg}/" + name.replace(".", "/"), dirs_exist_ok=True)
-PY
-export PYTHONPATH=$PKG
 {
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  git -C "$ROOT" log -1 --format='commit %h %s' 2>/dev/null || true
+  provenance
   echo "== pytest $(date +%T) (fuzz cases: $TRITONBN_FUZZ_CASES)"
   (cd /tmp && timeout 170 python3 -m pytest "$ROOT/tests" -q -n 12 -p no:cacheprovider -rfE) > "$OUT/pytest.txt" 2>&1
   echo "pytest rc=$?"

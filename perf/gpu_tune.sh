@@ -13,27 +13,14 @@
 # sweep.csv, host_floor.txt and gpu_tune.log. Then, on any machine: `tritonbn-perf report $OUT/sweep.csv --out $OUT`.
 # It installs nothing: like ../shared/gpu/check.sh it runs the working tree's packages from a copy on PYTHONPATH.
 set -euo pipefail
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-ROOT=$(pwd)
-DEVICE=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+source "$(dirname "$0")/gpu_common.sh"
 OUT=${OUT:-$ROOT/perf/results/$DEVICE}
 TUNE_BUDGET=${TUNE_BUDGET:-170}
 SWEEP_BUDGET=${SWEEP_BUDGET:-130}
 mkdir -p "$OUT"
-PKG=$(mktemp -d)
-python3 - "$ROOT" "$PKG" <<'PY'
-import shutil, sys, tomllib
-root, pkg = sys.argv[1:]
-dirs = tomllib.load(open(f"{root}/pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]
-for name, src in sorted(dirs.items()):  # parents first
-    shutil.copytree(f"{root}/{src}", f"{pkg}/" + name.replace(".", "/"), dirs_exist_ok=True)
-PY
-export PYTHONPATH=$PKG
 CLI="python3 -m tritonbn.perf.cli"
 {
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  git -C "$ROOT" log -1 --format='commit %h %s' 2>/dev/null || true
+  provenance
   echo "== tune $(date +%T)"
   timeout $((TUNE_BUDGET + 120)) $CLI tune --dtype bf16,fp32 --layout nhwc,nchw --budget-s "$TUNE_BUDGET" \
     --compile-workers 14 --out "$OUT/tune.csv" --table "$PKG/tritonbn/kernels/tuning.json" || echo "tune rc=$?"

@@ -254,3 +254,21 @@ def check_batch_norm_act(case, *, training, activation, negative_slope=0.2, mome
         grad_tol = max(TOLERANCE[leaf.dtype], tol)
         assert_close_to_reference(grad, ref_grad, grad_tol, f"grad of {name}")
     return y
+
+
+class GraphRecorder:
+    """A torch.compile backend that keeps the graphs it is given and runs them as they are."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs.append(graph_module)
+        return graph_module.forward
+
+    def targets(self) -> list[str]:
+        """Every op called, as often as called, those that mutate included (functionalization wraps them, op
+        first)."""
+        nodes = [node for graph in self.graphs for node in graph.graph.nodes]
+        return [str(node.target) for node in nodes] + [
+            str(node.args[0]) for node in nodes if str(node.target).startswith("auto_functionalized")]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _helpers import TORCH_ACTIVATIONS
+from _helpers import TORCH_ACTIVATIONS, GraphRecorder
 from functorch.compile import make_boxed_compiler
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -197,22 +197,6 @@ class SyncBlock(torch.nn.Module):
         momentum = bn.num_batches_tracked if bn.momentum is None else bn.momentum
         return sync_batch_norm_act(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, momentum, bn.eps,
                                    activation=bn.activation, negative_slope=bn.negative_slope, residual=residual)
-
-
-class GraphRecorder:
-    """A torch.compile backend that keeps the graphs it is given and runs them as they are."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, graph_module, example_inputs):
-        self.graphs.append(graph_module)
-        return graph_module.forward
-
-    def targets(self):
-        nodes = [node for graph in self.graphs for node in graph.graph.nodes]
-        return [str(node.target) for node in nodes] + [
-            str(node.args[0]) for node in nodes if str(node.target).startswith("auto_functionalized")]
 
 
 def test_compiles_whole_with_one_collective_each_way(group_of_one):
