@@ -128,6 +128,7 @@ def backward_kernel(
     dweight_ptr, dbias_ptr,  # [C] out when STORE_DWEIGHT / STORE_DBIAS: sum of dz * xhat, sum of dz
     eps_hi, eps_lo,  # eps as a float32 head and tail (STATS == RUNNING or GATHERED)
     slope_hi, slope_lo,  # leaky_relu's negative slope as a float32 head and tail
+    sums_offset,  # elements from sums_ptr to the sums: 2 * C where they follow the forward's mean and rstd
     count,  # number of values each channel's statistics were taken over (GATHERED: merged, this unused)
     R, N, C, S,  # rows (N * S), samples, channels, spatial size
     s_tiles, num_tiles, tiles_per_split,  # PLANES: tiles per sample run; tiles in all; tiles per split
@@ -153,6 +154,7 @@ def backward_kernel(
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 input
 ):
     cols, col_mask = channel_block(C, BLOCK_C)
+    sums_ptr += sums_offset
     if STATS == GATHERED:  # the group's statistics and value count, merged exactly as the forward merged them
         count, mean, _, rstd = gathered_stats(stats_ptr, eps_hi, eps_lo, C, cols, col_mask, num_partials, BLOCK_C,
                                               COMPUTE)
@@ -249,11 +251,28 @@ def backward_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
+def backward_tiling(forward, dy_ncs, has_residual, config=None):
+    """(the (n, c, s) strides of dy, x, the residual and the gradients, the configuration, the tiling) of the
+    backward of ``forward`` for a gradient of (n, c, s) strides ``dy_ncs``; ``has_residual``: the residual is read."""
+    shape, N, C, S = forward.shape, forward.N, forward.C, forward.S
+    grad_ncs = ncs_strides(shape, output_layout(shape, forward.out_stride)[0])  # dx's and dz's layout
+    all_ncs = [dy_ncs, forward.x_ncs, forward.r_ncs if has_residual else forward.x_ncs, grad_ncs]
+    family = layout_family(N, S, all_ncs)
+    config = config or choose("bwd", forward.dtype, LAYOUT_NAMES[family], N, C, S, forward.device)
+    return all_ncs, config, Tiling(config, family, N, C, S, forward.device)
+
+
+def sums_numel(tiling, C) -> int:
+    """Elements of a backward's sums: the [2, C] totals, then the [2, splits, C] partials."""
+    return 2 * C + 2 * tiling.num_splits * C
+
+
 class BackwardPlan:
     """A backward call's layouts, buffers and launches, made once per forward plan, gradient layout and set
     of gradients wanted: (input, weight, bias, residual). Tensors are addressed as the forward plan's are."""
 
-    def __init__(self, forward, dy, weight, bias, residual, needs, config=None, cooperative=True):
+    def __init__(self, forward, dy, weight, bias, residual, needs, config=None, cooperative=True,
+                 whole_workspace=True):
         need_input, need_weight, need_bias, need_residual = needs
         shape, N, C, S = forward.shape, forward.N, forward.C, forward.S
         identity = forward.activation_id == IDENTITY.value
@@ -265,11 +284,8 @@ class BackwardPlan:
         has_residual = residual is not None and not identity
         self.copy_residual = has_residual and forward.copy_residual
         self.copies = self.copy_dy or forward.copy_input or self.copy_residual or None in forward.vector_strides
-        grad_ncs = ncs_strides(shape, self.dx_stride)  # dx's and dz's: both are allocated in that layout
-        all_ncs = [dy_ncs, forward.x_ncs, forward.r_ncs if has_residual else forward.x_ncs, grad_ncs]
-        family = layout_family(N, S, all_ncs)
-        self.config = config or choose("bwd", forward.dtype, LAYOUT_NAMES[family], N, C, S, dy.device)
-        self.tiling = tiling = Tiling(self.config, family, N, C, S, dy.device)
+        all_ncs, self.config, self.tiling = backward_tiling(forward, dy_ncs, has_residual, config)
+        tiling = self.tiling
         strides = [kernel_strides(tiling.layout, S, ncs) for ncs in all_ncs]
         self.dz_dtype = dy.dtype
         # The residual's gradient is dz = dy * act'(z): dy itself for the identity, else written by the first
@@ -277,11 +293,17 @@ class BackwardPlan:
         self.dresidual_is_dy = need_residual and identity
         need_dz = need_residual and not identity
         self.need_input, self.need_weight, self.need_bias, self.need_dz = need_input, need_weight, need_bias, need_dz
-        self.workspace_numel = 2 * C + 2 * tiling.num_splits * C  # totals, then the partials
+        self.workspace_numel = sums_numel(tiling, C)
         self.stats_dtype = forward.stats_dtype
         # The sums pass runs where the weight or bias gradient, or a training input gradient, needs the sums.
         sums = need_weight or need_bias or (forward.training and need_input)
         variant = self.config.variant if sums else "apply"
+        # The sums where the forward's partials were, after its mean and rstd, where a call passes the forward's
+        # whole workspace as ``stats`` (``whole_workspace``; the custom ops pass its first 2 * C) and they fit
+        # (the forward sizes it for a gradient laid out as its output): the workspace lives until backward
+        # anyway, and a call allocates one tensor less.
+        self.sums_in_stats = whole_workspace and forward.training and variant != "apply" and \
+            2 * C + self.workspace_numel <= forward.workspace_numel
         if variant == "persistent" and (tiling.multiprocessors is None or not cooperative):
             variant = "merge"  # the barrier's two halves as two launches (see ForwardPlan)
         flags = (weight is not None, bias is not None, has_residual)
@@ -295,8 +317,10 @@ class BackwardPlan:
         }[variant]
         self.counter_slots = tiling.channel_blocks + 1 if variant in ("ticket", "persistent") else 0
         self.uses_sums = variant != "apply"
-        tail = (forward.count, *tiling.sizes(N, C, S), tiling.num_splits, *strides[0], *strides[1], *strides[2],
-                *strides[3], *strides[3], *(1 if step is None else step for step in forward.vector_strides))
+        sums_offset = 2 * C if self.sums_in_stats else 0
+        tail = (sums_offset, forward.count, *tiling.sizes(N, C, S), tiling.num_splits, *strides[0], *strides[1],
+                *strides[2], *strides[3], *strides[3],
+                *(1 if step is None else step for step in forward.vector_strides))
         tile = tiling.constexprs(needs_int64(shape, all_ncs), forward.compute)
         stats = (GIVEN if forward.training else RUNNING).value
         self.idle_counters = stream_free_counters(self)
@@ -337,7 +361,9 @@ class BackwardPlan:
                     grad.zero_()
             return dx, dweight, dbias, dresidual
         sums = x
-        if self.uses_sums:  # the forward's workspace (training) has the dtype: its new_empty parses none
+        if self.sums_in_stats:
+            sums = stats
+        elif self.uses_sums:  # the forward's workspace (training) has the dtype: its new_empty parses none
             sums = stats.new_empty(self.workspace_numel) if stats is not None else torch.empty(
                 self.workspace_numel, dtype=self.stats_dtype, device=device)
         if launch is None:

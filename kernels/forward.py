@@ -15,8 +15,9 @@ Traffic in passes over one activation tensor (the residual adds its own read):
   training, two launches: read x (moments), read x + write y (normalise)   = 3
   training, persistent:   read x, write y                                   = 2
   eval:                   read x + write y                                  = 2
-The workspace holds [2, C] mean and rstd (what backward needs), then the [4, splits, C] partials; MOMENTS's
-holds the rank's [4, C] moments in place of mean and rstd.
+The workspace holds [2, C] mean and rstd (what backward needs), then the [4, splits, C] partials, or more where
+the backward's sums, which it writes there, need more; MOMENTS's holds the rank's [4, C] moments in place of mean
+and rstd.
 """
 
 import torch
@@ -25,7 +26,7 @@ import triton.language as tl
 
 from ..reference import output_dtype
 from .activations import IDENTITY, activation_forward
-from .backward import BackwardPlan
+from .backward import BackwardPlan, backward_tiling, sums_numel
 from .configs import choose
 from .launch import Launcher, call_state, launch_all, stream_free_counters
 from .plan import (
@@ -402,7 +403,13 @@ class ForwardPlan:
         strides = [kernel_strides(tiling.layout, self.S, ncs) for ncs in all_ncs] + [(0, 0, 0)]
         self.device = x.device
         self.index = device_index(x.device)
-        self.workspace_numel = 2 * self.C + 4 * tiling.num_splits * self.C  # mean and rstd, then the partials
+        # Mean and rstd, then the partials, or, where longer, the sums of a backward whose gradient is laid out as
+        # the output (the usual one): that backward writes them here instead of allocating (sums_in_stats).
+        partials = 4 * tiling.num_splits * self.C
+        if training:
+            backward = backward_tiling(self, ncs_strides(shape, self.out_stride), self.needs_residual)[2]
+            partials = max(partials, sums_numel(backward, self.C))
+        self.workspace_numel = 2 * self.C + partials
         flags = (self.update_running, self.count_batches, cumulative, weight is not None, bias is not None,
                  residual is not None, activation_id)
         tail = (*tiling.sizes(self.N, self.C, self.S), tiling.num_splits, *strides[0], *strides[1], *strides[2],
@@ -475,12 +482,15 @@ class ForwardPlan:
         vectors = dense_vectors(self.vector_strides, weight, bias, running_mean, running_var)
         return (x, residual, *vectors, tuple(zip((running_mean, running_var), vectors[2:])))
 
-    def backward_plan(self, dy, weight, bias, residual, needs):
+    def backward_plan(self, dy, weight, bias, residual, needs, whole_workspace=True):
         """The backward plan for gradient ``dy`` and the gradients ``needs`` says are wanted (input, weight, bias,
-        residual, then any others), made on first use."""
-        key = (dy.stride(), dy.dtype, needs)
+        residual, then any others), made on first use. ``whole_workspace``: its calls pass this plan's whole
+        workspace as their ``stats`` (BatchNormActFunction), which the plan may write its sums into, rather than
+        only the mean and rstd (the custom ops)."""
+        key = (dy.stride(), dy.dtype, needs) if whole_workspace else (dy.stride(), dy.dtype, needs, False)
         plan = self.backward_plans.get(key)
         if plan is None:
             plan = self.backward_plans[key] = BackwardPlan(self, dy, weight, bias, residual, tuple(needs[:4]),
-                                                           cooperative=self.cooperative)
+                                                           cooperative=self.cooperative,
+                                                           whole_workspace=whole_workspace)
         return plan

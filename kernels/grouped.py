@@ -241,7 +241,7 @@ class _BackwardPlan:
         self.device, self.index, self.dtype = x.device, device_index(x.device), stats_dtype(x.dtype)
         self.workspace_numel = 2 * self.C * (1 + tiles.splits)  # the totals, then the partials
         ranks = gathered.shape[0] // (MOMENT_ROWS * self.C)
-        head = (0, *tiles.sizes, ranks, *tiles.strides, *_vector_tail(self.vector_strides), 1, 1)
+        head = (0, 0, *tiles.sizes, ranks, *tiles.strides, *_vector_tail(self.vector_strides), 1, 1)  # sums at 0
         flags = (True, weight is not None, bias is not None, has_residual)  # TRAINING, HAS_*
         self.sums = _Step(backward_kernel, tiles, (*head, TICKET.value, GATHERED.value, GIVEN.value, *flags,
                                                    need_dz, False, False, need_weight, need_bias, activation_id,

@@ -116,8 +116,7 @@ def _run_plans(shape, dtype, fmt, activation, config, residual, needs_sets):
             for needs in needs_sets:
                 if needs[3] and r is None:
                     continue
-                stats = workspace[: 2 * shape[1]] if training else None
-                plan.backward_plan(x, weight, bias, r, needs)(x, x, stats, weight, bias, r, running_mean,
+                plan.backward_plan(x, weight, bias, r, needs)(x, x, workspace, weight, bias, r, running_mean,
                                                                running_var, 1e-5, 0.01)
     if config is None:
         _run_sync_pieces(x, weight, bias, r, running_mean, running_var, activation, needs_sets)

@@ -45,7 +45,8 @@ class _FloorFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, bias = ctx.saved_tensors
-        torch.empty(ctx.workspaces[1], device=x.device)
+        if ctx.workspaces[1]:  # the sums, where they do not go into the forward's workspace
+            torch.empty(ctx.workspaces[1], device=x.device)
         return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), None
 
 
@@ -83,8 +84,8 @@ def _calls(device: torch.device) -> dict:
     eager_x = torch.randn(1, SHAPE[1], 1, 2, requires_grad=True) if device.type == "cpu" else x
     eager_grad = torch.randn_like(eager_x)
     plan = functional.prepare(x, running_mean, running_var, weight, bias, None, True, 1e-5, "relu")
-    workspaces = (plan.workspace_numel, plan.backward_plan(grad, weight, bias, None, (True,) * 3 + (False,)).
-                  workspace_numel)
+    backward = plan.backward_plan(grad, weight, bias, None, (True,) * 3 + (False,))
+    workspaces = (plan.workspace_numel, 0 if backward.sums_in_stats else backward.workspace_numel)
 
     def eager():
         return F.relu(F.batch_norm(eager_x, running_mean, running_var, weight, bias, True, 0.1, 1e-5))

@@ -147,7 +147,9 @@ def reference_outputs(cfg: Config, inputs: dict) -> dict:
 
 
 def saved_for_backward(call: Call) -> tuple[int, int]:
-    """Bytes of the distinct storages autograd saves in one forward, and those beyond the inputs' own.
+    """Bytes of the distinct storages autograd keeps for backward after one forward, and those beyond the
+    inputs' own: what it saves (seen by saved-tensor hooks) and what its nodes hold as attributes (a custom
+    Function's ctx, which hooks do not see: tritonbn keeps its workspace so).
 
     The second number is what a backend adds to a network's memory: saving x, which the network keeps
     anyway, costs nothing extra; saving y or a mask does.
@@ -163,10 +165,25 @@ def saved_for_backward(call: Call) -> tuple[int, int]:
 
     inputs = {t.untyped_storage().data_ptr() for t in call.leaves + [call.running_mean, call.running_var]}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        call.forward()
+        y = call.forward()
+    for held in held_by_nodes(y):
+        pack(held)
     total = sum(storages.values())
     extra = sum(n for ptr, n in storages.items() if ptr not in inputs)
     return total, extra
+
+
+def held_by_nodes(output: torch.Tensor) -> list:
+    """The tensors the autograd nodes of ``output``'s graph hold as attributes (a custom Function's ctx)."""
+    held, seen, nodes = [], set(), [output.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        held += [value for value in getattr(node, "__dict__", {}).values() if isinstance(value, torch.Tensor)]
+        nodes += [next_node for next_node, _ in node.next_functions]
+    return held
 
 
 def peak_memory(call: Call, device: torch.device) -> float:

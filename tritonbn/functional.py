@@ -44,32 +44,35 @@ def prepare(input, running_mean, running_var, weight, bias, residual, training, 
     None where the call runs the PyTorch reference or, inside torch.compile, the custom ops. ``counting``: 0,
     or a module's training call that counts its batch in num_batches_tracked (1), with momentum=None (2).
 
-    The hot path is a cached plan: its key is built from the tensors' layouts (which also proves they are
-    tensors), and a plan is cached only after the checks passed for what the key holds, and only where the
-    kernels run: a cached plan on a CPU only has to ask whether ``cpu_reference()`` is in force.
+    The hot path is a cached plan, found by ``plans.lookup`` (guards that compare the tensors with those the
+    plan was made for, which also proves they are tensors): a plan is cached only after the checks passed for
+    its tensors' layouts, and only where the kernels run, so a cached plan on a CPU only has to ask whether
+    ``cpu_reference()`` is in force.
     """
-    try:
-        key = plans.key(input, weight, bias, residual, running_mean, running_var, training, activation, counting)
-    except AttributeError:  # an argument that is not a tensor: name it
-        check_tensor_types(input, running_mean, running_var, weight, bias, residual)
-        raise
     if not eps > 0.0:
         check_eps(eps, training)
     if torch.compiler.is_compiling() or _functorch_transforms_active() or forward_ad._current_level >= 0 or \
             _jit_tracing():  # torch.compile's custom ops, or a transform that needs PyTorch ops
-        plan = None
-    else:
-        plan = plans.PLANS.get(key)
+        check_activation(activation)
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
+        return None
+    try:
+        plan = plans.lookup(input, weight, bias, residual, running_mean, running_var, training, activation, counting)
         if plan is not None:
             return None if plan.index is None and _forced_reference.get() else plan
-        if device_uses_kernels(key[3]):
-            check_activation(activation)
-            check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
-            return plans.new(key, input, weight, bias, residual, running_mean, running_var, training, activation,
-                             counting)
+        key = plans.key(input, weight, bias, residual, running_mean, running_var, training, activation, counting)
+    except AttributeError:  # an argument that is not a tensor: name it
+        check_tensor_types(input, running_mean, running_var, weight, bias, residual)
+        raise
+    plan = plans.PLANS.get(key)
+    if plan is not None:  # planned for tensors the guards tell apart from these (say, a Parameter's copy)
+        plans.guard(plan, input, weight, bias, residual, running_mean, running_var, training, activation, counting)
+        return None if plan.index is None and _forced_reference.get() else plan
     check_activation(activation)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
-    return plan
+    if device_uses_kernels(key[3]):
+        return plans.new(key, input, weight, bias, residual, running_mean, running_var, training, activation, counting)
+    return None
 
 
 def run(plan, input, running_mean, running_var, weight, bias, training, momentum, eps, activation, negative_slope,
@@ -112,9 +115,10 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
 
 
 class BatchNormActFunction(torch.autograd.Function):
-    """Autograd for the kernels. Saves x, the residual and per-channel statistics (the batch's mean and
-    rstd, or in eval the running statistics), nothing full-size new: the pre-activation is recomputed in
-    backward, which costs no extra pass over memory. The plan knows the mode and the activation.
+    """Autograd for the kernels. Saves x, the residual and per-channel statistics (in training the forward's
+    workspace: the batch's mean and rstd, then rows per split that backward writes its sums into; in eval the
+    running statistics), nothing full-size new: the pre-activation is recomputed in backward, which costs no
+    extra pass over memory. The plan knows the mode and the activation.
 
     Only the tensors that can take a gradient are the Function's inputs; everything else travels in one tuple,
     ``call`` = (plan, running_mean, running_var, momentum, eps, negative_slope, batches): autograd's work per call
@@ -127,8 +131,8 @@ class BatchNormActFunction(torch.autograd.Function):
                                  negative_slope, batches)
         # With the identity the pre-activation is never needed, so the residual need not stay alive.
         saved_residual = residual if plan.needs_residual else None
-        if workspace is not None:  # training: the workspace begins with the batch's mean and rstd (C-sized,
-            ctx.save_for_backward(input, weight, bias, saved_residual)  # kept on ctx: no saved-tensor hooks)
+        if workspace is not None:  # training: the workspace begins with the batch's mean and rstd (C-sized
+            ctx.save_for_backward(input, weight, bias, saved_residual)  # rows, kept on ctx: no saved-tensor hooks)
             ctx.stats = workspace
         else:  # eval: saved, so that changing them before backward is caught as for any saved tensor
             ctx.save_for_backward(input, weight, bias, saved_residual, running_mean, running_var)

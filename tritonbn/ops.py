@@ -54,7 +54,7 @@ def backward(grad_output: Tensor, input: Tensor, stats: Tensor, weight: Tensor |
 
     plan = plan_for(input, weight, bias, residual, running_mean, running_var, training, activation)
     stats = stats if training else None
-    grads = plan.backward_plan(grad_output, weight, bias, residual, tuple(needs))(
+    grads = plan.backward_plan(grad_output, weight, bias, residual, tuple(needs), whole_workspace=False)(
         grad_output, input, stats, weight, bias, residual, running_mean, running_var, eps, negative_slope)
     # The identity's residual gradient is grad_output itself: an op may not return an alias of its input.
     return [input.new_empty(0) if grad is None else grad.clone() if grad is grad_output else grad for grad in grads]

@@ -45,7 +45,7 @@ def backward_kernels(grad_output: Tensor, input: Tensor, stats: Tensor, weight: 
     """[grad input, grad weight, grad bias, grad residual]; an empty tensor for each gradient not wanted."""
     plan = plans.traced_plan(input, weight, bias, residual, running_mean, running_var, training, activation)
     layouts = [plans.static_layout(t) for t in (grad_output, weight, bias, residual)]
-    backward = plan.backward_plan(*layouts, tuple(needs))
+    backward = plan.backward_plan(*layouts, tuple(needs), whole_workspace=False)
     grads = backward(grad_output, input, stats if training else None, weight, bias, residual, running_mean,
                      running_var, eps, negative_slope, launch=_launch)
     # The identity's residual gradient is grad_output itself: an op may not return an alias of its input.

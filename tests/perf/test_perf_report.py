@@ -159,6 +159,10 @@ def test_plots_read(tiny_csv, tmp_path, figures, where):
     rows = results.read_rows(tiny_csv)
     if where == "gpu":
         rows = gpu_like(rows, host_bound_shapes=set())
+    shape = rows[0]["shape"]
+    for row in rows:  # a backend that saves nothing extra for one shape: its bar must say 0, not look missing
+        if row["backend"] == "tritonbn" and row["shape"] == shape:
+            row["saved_extra_bytes"] = 0
     report._plots(rows, tmp_path)
     assert len(figures) >= 6
     for fig in figures:
@@ -175,4 +179,4 @@ def test_plots_read(tiny_csv, tmp_path, figures, where):
             assert len(watermarks) == (1 if where == "cpu" and timing else 0)
         assert any(ax.get_xlabel().startswith("shape, ") for ax in panels)  # what a shape label's numbers are
     memory = next(fig for fig in figures if fig._suptitle.get_text().startswith("Memory"))
-    assert "0" in [t.get_text().strip() for t in memory.axes[0].texts]  # tritonbn saves nothing extra
+    assert "0" in [t.get_text().strip() for t in memory.axes[0].texts]
