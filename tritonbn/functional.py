@@ -64,13 +64,14 @@ def prepare(input, running_mean, running_var, weight, bias, residual, training, 
     except AttributeError:  # an argument that is not a tensor: name it
         check_tensor_types(input, running_mean, running_var, weight, bias, residual)
         raise
-    plan = plans.PLANS.get(key)
+    negated = plans.negated(input, weight, bias, residual, running_mean, running_var)  # the reference reads those
+    plan = None if negated else plans.PLANS.get(key)
     if plan is not None:  # planned for tensors the guards tell apart from these (say, a Parameter's copy)
         plans.guard(plan, input, weight, bias, residual, running_mean, running_var, training, activation, counting)
         return None if plan.index is None and _forced_reference.get() else plan
     check_activation(activation)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, residual, training)
-    if device_uses_kernels(key[3]):
+    if device_uses_kernels(key[3]) and not negated:
         return plans.new(key, input, weight, bias, residual, running_mean, running_var, training, activation, counting)
     return None
 
@@ -146,6 +147,8 @@ class BatchNormActFunction(torch.autograd.Function):
             # create_graph=True (double backward, gradient penalties): the kernels' gradients are not
             # themselves differentiable, so this rare case recomputes them with PyTorch ops that are.
             return _differentiable_backward(ctx, grad_output)
+        if grad_output.is_neg():  # a gradient PyTorch negates as it reads it (plans.negated): the kernels read memory
+            grad_output = grad_output.resolve_neg()
         saved = ctx.saved_tensors
         x, weight, bias, residual = saved[:4]
         running_mean, running_var = saved[4:] if ctx.stats is None else (None, None)

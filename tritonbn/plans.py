@@ -6,9 +6,9 @@ A call finds its plan (``lookup``) without building the whole key: ``PLANS`` als
 tensors are None and the options to the (guard, plan) pairs made for them, and a guard compares the call's
 tensors with those the plan was made for in C++ (PyTorch's own ``TensorGuards``, which torch.compile checks its
 graphs' inputs with: type, dispatch keys, dtype, device, requires_grad, sizes and strides): 0.9 us a look-up
-where building, hashing and finding the key costs 2.1 (measured on a CPU, perf/notes.md). A guard asks more than the key (requires_grad, Parameter
-or Tensor), so one plan may have a guard for each such variant. Where this PyTorch lacks ``TensorGuards``, the
-look-up builds the key.
+where building, hashing and finding the key costs 2.1 (measured on a CPU, perf/notes.md). A guard asks more
+than the key (requires_grad, Parameter or Tensor), so one plan may have a guard for each such variant. Where
+this PyTorch lacks ``TensorGuards``, the look-up builds the key.
 """
 
 import torch
@@ -63,8 +63,17 @@ def guarded(input, weight, bias, residual, running_mean, running_var, training, 
 
 
 def keyed(input, weight, bias, residual, running_mean, running_var, training, activation, counting=0):
-    """``guarded`` where this PyTorch has no ``TensorGuards``: the plan under the call's key, or None."""
-    return PLANS.get(key(input, weight, bias, residual, running_mean, running_var, training, activation, counting))
+    """``guarded`` where this PyTorch has no ``TensorGuards``: the plan under the call's key, or None (for a
+    ``negated`` tensor too, which the guards tell apart and the key does not)."""
+    plan_key = key(input, weight, bias, residual, running_mean, running_var, training, activation, counting)
+    return None if negated(input, weight, bias, residual, running_mean, running_var) else PLANS.get(plan_key)
+
+
+def negated(*tensors) -> bool:
+    """Whether a tensor is a view whose values PyTorch negates as it reads them (``is_neg()``: the imaginary part
+    of a conjugate, ``z.conj().imag``): its memory holds the values' negatives, and the kernels read memory, so
+    such a call runs the PyTorch reference, which reads it as PyTorch does."""
+    return any(t is not None and t.is_neg() for t in tensors)
 
 
 lookup = keyed if TensorGuards is None else guarded

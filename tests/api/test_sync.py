@@ -160,6 +160,25 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def test_group_of_one_reads_negated_views_as_pytorch_does(group_of_one):
+    """A view whose memory holds its values' negatives (``z.conj().imag``, ``is_neg()``), as input or as the
+    upstream gradient, is read as PyTorch reads it."""
+    values = torch.randn(6, 3, 4, dtype=torch.float64) * 2 + 1
+    x = torch.complex(torch.zeros_like(values), -values).conj().imag.requires_grad_()
+    grad = torch.randn_like(values)
+    negated_grad = torch.complex(torch.zeros_like(grad), -grad).conj().imag
+    assert x.is_neg() and negated_grad.is_neg()
+    weight, bias = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    plain = values.clone().requires_grad_()
+    want = F.batch_norm(plain, None, None, weight, bias, True)
+    (want_dx,) = torch.autograd.grad(want, plain, grad)
+    y = sync_batch_norm_act(x, None, None, weight, bias, activation="identity")
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(torch.autograd.grad(y, x, negated_grad)[0], want_dx)
+    y = sync_batch_norm_act(plain, None, None, weight, bias, activation="identity")
+    torch.testing.assert_close(torch.autograd.grad(y, plain, negated_grad)[0], want_dx)
+
+
 def test_one_collective_each_way_and_no_host_sync(group_of_one, monkeypatch):
     for method in ("item", "tolist", "cpu", "numpy"):  # the readings TorchDispatchMode does not see on a CPU
         monkeypatch.setattr(torch.Tensor, method, lambda *args, m=method, **kwargs: pytest.fail(f".{m}() called"))

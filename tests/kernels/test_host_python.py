@@ -20,9 +20,9 @@ from tritonbn.backend import kernels_interpreted
 
 # (calls, lines) per call, after the first; Python 3.11, where CI runs.
 BUDGETS = {
-    "training forward + backward": (12, 108),
-    "training forward + backward, residual": (12, 108),
-    "module training forward + backward": (14, 126),
+    "training forward + backward": (12, 109),
+    "training forward + backward, residual": (12, 109),
+    "module training forward + backward": (14, 127),
     "eval forward": (7, 59),
 }
 ROOTS = tuple(os.path.dirname(module.__file__) + os.sep for module in (tritonbn, tritonbn.kernels))

@@ -148,3 +148,99 @@ def test_backward_sums_in_the_forward_workspace(device, dy_layout):
     assert len(used) == 1
     if dy_layout == "like_output":  # what the forward sized its workspace for
         assert used[0].sums_in_stats
+
+
+def _negated(t):
+    """A view with the values of ``t`` that PyTorch negates as it reads it (``is_neg()``): its memory holds -t."""
+    view = torch.complex(torch.zeros_like(t.detach()), -t.detach()).conj().imag
+    assert view.is_neg() and torch.equal(view, t.detach())
+    return view.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("which", ["input", "weight", "bias", "residual", "grad"])
+def test_a_view_pytorch_negates_is_read_as_pytorch_reads_it(device, lookup, which):
+    """The kernels read memory: a view whose memory holds its values' negatives (``z.conj().imag``) must not
+    reach them as it is, with or without a plan for its layout (the guards tell such a view apart, the key does
+    not)."""
+    tensors = _tensors(device)
+    tensors["residual"] = torch.randn(SHAPE, device=device)
+    grad = torch.randn(SHAPE, device=device)
+    _check(tensors, True)  # a plan for these layouts exists
+    if which == "grad":
+        grad = _negated(grad)
+    else:
+        tensors[which] = _negated(tensors[which])
+    _check(tensors, True)
+    x, weight, bias = tensors["input"], tensors["weight"], tensors["bias"]
+    y = tritonbn.batch_norm_act(x, None, None, weight, bias, True, activation="identity", residual=tensors["residual"])
+    wide = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    reference = F.batch_norm(wide[0], None, None, wide[1], wide[2], True) + tensors["residual"].double()
+    for actual, wanted in zip(torch.autograd.grad(y, (x, weight, bias), grad),
+                              torch.autograd.grad(reference, wide, grad.double())):
+        torch.testing.assert_close(actual.double(), wanted, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_reference_holds_for_a_planned_layout(device, monkeypatch):
+    """Inside ``cpu_reference()`` a CPU call runs the PyTorch reference even where its plan is cached."""
+    from tritonbn import reference
+
+    ran = []
+    real = reference.batch_norm_act
+    monkeypatch.setattr(reference, "batch_norm_act", lambda *args, **kwargs: ran.append(1) or real(*args, **kwargs))
+    x = torch.randn(SHAPE, device=device)
+    tritonbn.batch_norm_act(x, None, None, training=True)
+    assert not ran
+    with tritonbn.cpu_reference():
+        tritonbn.batch_norm_act(x, None, None, training=True)
+    assert ran == ([1] if device == "cpu" else [])
+
+
+def test_the_custom_op_backward_keeps_to_the_mean_and_rstd(device):
+    """torch.compile's backward op gets only the forward's mean and rstd (2 * C), which may be a buffer of their
+    own: its plan allocates its sums rather than write past them."""
+    tensors = _tensors(device)
+    x, weight, bias = tensors["input"], tensors["weight"], tensors["bias"]
+    output, stats = torch.ops.tritonbn.forward(x, weight, bias, None, None, None, None, True, 0.1, 1e-5, "identity",
+                                               0.01)
+    assert stats.numel() == 2 * SHAPE[1]
+    holder = torch.full((stats.numel() + 256,), 7.0, device=device, dtype=stats.dtype)
+    holder[: stats.numel()] = stats  # the mean and rstd, then memory that is not theirs
+    grad = torch.randn_like(output)
+    grads = torch.ops.tritonbn.backward(grad, x, holder[: stats.numel()], weight, bias, None, None, None, True, 1e-5,
+                                        "identity", 0.01, [True, True, True, False])
+    assert torch.equal(holder[stats.numel():], torch.full_like(holder[stats.numel():], 7.0))
+    assert torch.equal(holder[: stats.numel()], stats)
+    wide = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    reference = F.batch_norm(wide[0], None, None, wide[1], wide[2], True)
+    for actual, wanted in zip(grads[:3], torch.autograd.grad(reference, wide, grad.double())):
+        torch.testing.assert_close(actual.double(), wanted, atol=1e-4, rtol=1e-4)
+
+
+def test_the_forward_sizes_its_workspace_for_the_backward(device, monkeypatch):
+    """Where the backward's tiling has more splits than the forward's, the forward's workspace grows to hold the
+    backward's sums; a backward whose tiling the forward did not size it for allocates its own. Both give
+    PyTorch's gradients."""
+    from tritonbn.kernels import backward, configs
+
+    many_splits = configs.KernelConfig("ticket", 1, 1, 1)  # one row a tile: a split per row
+    heuristic = backward.choose
+    tensors = _tensors(device)
+    x, weight, bias = tensors["input"], tensors["weight"], tensors["bias"]
+    wide = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    reference = F.batch_norm(wide[0], None, None, wide[1], wide[2], True)
+    for sized in (True, False):
+        tritonbn.plans.clear()
+        # The forward plan made while the backward's tiling has many splits, or the usual few; the backward's then
+        # made with many.
+        monkeypatch.setattr(backward, "choose", (lambda *args: many_splits) if sized else heuristic)
+        y = tritonbn.batch_norm_act(x, None, None, weight, bias, True, activation="identity")
+        monkeypatch.setattr(backward, "choose", lambda *args: many_splits)
+        forward = y.grad_fn.plan
+        grad = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, weight, bias), grad)
+        (used,) = forward.backward_plans.values()
+        assert used.tiling.num_splits > forward.tiling.num_splits
+        assert used.sums_in_stats == sized
+        assert (forward.workspace_numel > 2 * SHAPE[1] + 4 * forward.tiling.num_splits * SHAPE[1]) == sized
+        for actual, wanted in zip(grads, torch.autograd.grad(reference, wide, grad.double(), retain_graph=True)):
+            torch.testing.assert_close(actual.double(), wanted, atol=1e-4, rtol=1e-4)

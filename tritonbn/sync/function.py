@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..backend import uses_kernels
+from ..plans import negated
 from ..validation import check_activation, check_batch_norm_args, check_eps
 from . import reference
 
@@ -38,9 +39,10 @@ def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return _waited(funcol.all_reduce(t, "sum", group))
 
 
-def _pieces(input: torch.Tensor):
-    """The pieces a call on ``input`` runs: the kernels (as ops while torch.compile traces), or PyTorch's."""
-    if not uses_kernels(input):
+def _pieces(input: torch.Tensor, *tensors):
+    """The pieces a call on ``input`` and ``tensors`` runs: the kernels (as ops while torch.compile traces), or
+    PyTorch's (also for a tensor whose values PyTorch negates as it reads them: see plans.negated)."""
+    if not uses_kernels(input) or negated(input, *tensors):
         return reference
     if torch.compiler.is_compiling():
         from . import ops
@@ -58,7 +60,7 @@ class SyncBatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, momentum, eps, activation,
                 negative_slope, group):
-        pieces = _pieces(input)
+        pieces = _pieces(input, weight, bias, residual, running_mean, running_var)
         gathered = all_gather(pieces.local_moments(input), group)
         output = pieces.normalize(input, gathered, weight, bias, residual, running_mean, running_var, momentum, eps,
                                   activation, negative_slope)
@@ -70,6 +72,8 @@ class SyncBatchNormActFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight, bias, residual, gathered = ctx.saved_tensors
         eps, activation, negative_slope, group, pieces = ctx.options
+        if grad_output.is_neg():  # see plans.negated
+            grad_output = grad_output.resolve_neg()
         needs = tuple(bool(need) and tensor is not None
                       for need, tensor in zip(ctx.needs_input_grad[:4], (input, weight, bias, residual)))
         operands = (grad_output, input, gathered, weight, bias, residual)
