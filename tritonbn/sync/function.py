@@ -42,12 +42,14 @@ def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
 def _pieces(input: torch.Tensor, *tensors):
     """The pieces a call on ``input`` and ``tensors`` runs: the kernels (as ops while torch.compile traces), or
     PyTorch's (also for a tensor whose values PyTorch negates as it reads them: see plans.negated)."""
-    if not uses_kernels(input) or negated(input, *tensors):
+    if not uses_kernels(input):
         return reference
     if torch.compiler.is_compiling():
         from . import ops
 
         return ops.pieces(input)
+    if negated(input, *tensors):
+        return reference
     from ..kernels import grouped
 
     return grouped
@@ -72,7 +74,7 @@ class SyncBatchNormActFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight, bias, residual, gathered = ctx.saved_tensors
         eps, activation, negative_slope, group, pieces = ctx.options
-        if grad_output.is_neg():  # see plans.negated
+        if not torch.compiler.is_compiling() and grad_output.is_neg():  # plans.negated; traced, AOT resolves it
             grad_output = grad_output.resolve_neg()
         needs = tuple(bool(need) and tensor is not None
                       for need, tensor in zip(ctx.needs_input_grad[:4], (input, weight, bias, residual)))
