@@ -407,7 +407,7 @@ class ForwardPlan:
         # the output (the usual one): that backward writes them here instead of allocating (sums_in_stats).
         partials = 4 * tiling.num_splits * self.C
         if training:
-            backward = backward_tiling(self, ncs_strides(shape, self.out_stride), self.needs_residual)[2]
+            backward = backward_tiling(self, all_ncs[1], self.needs_residual)[2]  # dy laid out as the output
             partials = max(partials, sums_numel(backward, self.C))
         self.workspace_numel = 2 * self.C + partials
         flags = (self.update_running, self.count_batches, cumulative, weight is not None, bias is not None,

@@ -41,7 +41,8 @@ def key(input, weight, bias, residual, running_mean, running_var, training, acti
 
 
 def guard_key(input, weight, bias, residual, running_mean, running_var, training, activation, counting) -> tuple:
-    """What ``guarded`` looks a call's guards up by: nine items, so that it never equals a ``key`` (twelve)."""
+    """What ``guarded`` looks a call's guards up by (it builds the same tuple inline: the hot path): nine items, so
+    that it never equals a ``key`` (twelve)."""
     return (input.shape, weight is None, bias is None, residual is None, running_mean is None, running_var is None,
             training, activation, counting)
 

@@ -78,6 +78,16 @@ def _check(tensors, training):
             torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4, msg=name)
 
 
+def _assert_batch_gradients(grads, x, weight, bias, grad, residual=None):
+    """``grads`` of (x, weight, bias) are float64 PyTorch's for the training identity op with gradient ``grad``."""
+    wide = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    reference = F.batch_norm(wide[0], None, None, wide[1], wide[2], True)
+    if residual is not None:
+        reference = reference + residual.double()
+    for actual, wanted in zip(grads, torch.autograd.grad(reference, wide, grad.double())):
+        torch.testing.assert_close(actual.double(), wanted, atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(params=["guards", "key"])
 def lookup(request, monkeypatch):
     """Plans made anew, looked up by guards or, as on a PyTorch without TensorGuards, by the key."""
@@ -140,10 +150,7 @@ def test_backward_sums_in_the_forward_workspace(device, dy_layout):
     second = torch.autograd.grad(y, (x, weight, bias), grad)
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    wide = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-    reference = F.batch_norm(wide[0], None, None, wide[1], wide[2], True)
-    for actual, wanted in zip(first, torch.autograd.grad(reference, wide, grad.double())):
-        torch.testing.assert_close(actual.double(), wanted, atol=1e-4, rtol=1e-4)
+    _assert_batch_gradients(first, x, weight, bias, grad)
     used = [plan for key, plan in y.grad_fn.plan.backward_plans.items() if key[0] == grad.stride()]
     assert len(used) == 1
     if dy_layout == "like_output":  # what the forward sized its workspace for
@@ -173,11 +180,8 @@ def test_a_view_pytorch_negates_is_read_as_pytorch_reads_it(device, lookup, whic
     _check(tensors, True)
     x, weight, bias = tensors["input"], tensors["weight"], tensors["bias"]
     y = tritonbn.batch_norm_act(x, None, None, weight, bias, True, activation="identity", residual=tensors["residual"])
-    wide = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-    reference = F.batch_norm(wide[0], None, None, wide[1], wide[2], True) + tensors["residual"].double()
-    for actual, wanted in zip(torch.autograd.grad(y, (x, weight, bias), grad),
-                              torch.autograd.grad(reference, wide, grad.double())):
-        torch.testing.assert_close(actual.double(), wanted, atol=1e-4, rtol=1e-4)
+    _assert_batch_gradients(torch.autograd.grad(y, (x, weight, bias), grad), x, weight, bias, grad,
+                            tensors["residual"])
 
 
 def test_cpu_reference_holds_for_a_planned_layout(device, monkeypatch):
@@ -210,10 +214,7 @@ def test_the_custom_op_backward_keeps_to_the_mean_and_rstd(device):
                                         "identity", 0.01, [True, True, True, False])
     assert torch.equal(holder[stats.numel():], torch.full_like(holder[stats.numel():], 7.0))
     assert torch.equal(holder[: stats.numel()], stats)
-    wide = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-    reference = F.batch_norm(wide[0], None, None, wide[1], wide[2], True)
-    for actual, wanted in zip(grads[:3], torch.autograd.grad(reference, wide, grad.double())):
-        torch.testing.assert_close(actual.double(), wanted, atol=1e-4, rtol=1e-4)
+    _assert_batch_gradients(grads[:3], x, weight, bias, grad)
 
 
 def test_the_forward_sizes_its_workspace_for_the_backward(device, monkeypatch):
@@ -226,8 +227,6 @@ def test_the_forward_sizes_its_workspace_for_the_backward(device, monkeypatch):
     heuristic = backward.choose
     tensors = _tensors(device)
     x, weight, bias = tensors["input"], tensors["weight"], tensors["bias"]
-    wide = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-    reference = F.batch_norm(wide[0], None, None, wide[1], wide[2], True)
     for sized in (True, False):
         tritonbn.plans.clear()
         # The forward plan made while the backward's tiling has many splits, or the usual few; the backward's then
@@ -242,5 +241,4 @@ def test_the_forward_sizes_its_workspace_for_the_backward(device, monkeypatch):
         assert used.tiling.num_splits > forward.tiling.num_splits
         assert used.sums_in_stats == sized
         assert (forward.workspace_numel > 2 * SHAPE[1] + 4 * forward.tiling.num_splits * SHAPE[1]) == sized
-        for actual, wanted in zip(grads, torch.autograd.grad(reference, wide, grad.double(), retain_graph=True)):
-            torch.testing.assert_close(actual.double(), wanted, atol=1e-4, rtol=1e-4)
+        _assert_batch_gradients(grads, x, weight, bias, grad)
